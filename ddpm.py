@@ -1,0 +1,170 @@
+"""Denoising diffusion (Ho et al. 2020, "DDPM"): noise schedule, training loss and sampler.
+
+Notation follows the paper, with one difference written down once: timesteps are
+0-based. Integer ``t`` in ``[0, T-1]`` here is the paper's step ``t + 1``, so
+``alphas_cumprod[t]`` is the paper's ``alpha_bar_{t+1}`` and ``t = 0`` is the last
+(least noisy) reverse step, the one that adds no noise.
+
+Images live in ``[-1, 1]`` inside this module; ``data.py`` converts at the boundary.
+
+Classifier-free guidance (Ho & Salimans 2022) lives in :meth:`DDPM.guided_eps`
+alone. Labels are dropped during training with probability ``p_uncond`` by
+replacing them with the model's learned "no label" token (``model.null_label``).
+At sampling time::
+
+    eps = eps_uncond + s * (eps_cond - eps_uncond)
+
+``s = 0`` is unconditional, ``s = 1`` plain conditional, ``s > 1`` sharpens the class.
+The paper's form ``(1 + w) * eps_cond - w * eps_uncond`` is the same with ``s = 1 + w``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def linear_beta_schedule(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """``beta_t`` rising linearly from ``beta_start`` to ``beta_end`` (Ho et al. 2020, Sec. 4): ``(T,)`` float64."""
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def extract(coefficients: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Gather ``coefficients[t]`` per sample and shape it to broadcast: ``(B,) -> (B, 1, ..., 1)``."""
+    return coefficients[t].reshape(t.shape[0], *([1] * (ndim - 1)))
+
+
+def _randn(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    # Draw on the generator's own device, so a CPU generator gives the same
+    # numbers whatever device the model runs on.
+    source = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=source).to(device)
+
+
+class DDPM(nn.Module):
+    """Wraps a noise-prediction network ``eps_model(x_t, t, labels)`` with the DDPM process.
+
+    Args:
+        eps_model: network as in ``unet.ContextUnet`` (must expose ``null_label``).
+        T: number of diffusion steps.
+        beta_start, beta_end: ends of the linear beta schedule.
+        p_uncond: probability of dropping a label during training.
+    """
+
+    def __init__(
+        self,
+        eps_model: nn.Module,
+        T: int = 500,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        p_uncond: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if T < 1:
+            raise ValueError(f"T must be at least 1, got {T}")
+        if not 0 < beta_start <= beta_end < 1:
+            raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+        self.eps_model, self.T, self.p_uncond = eps_model, T, p_uncond
+        for name, value in self.schedule(T, beta_start, beta_end).items():
+            self.register_buffer(name, value.float(), persistent=False)
+
+    @staticmethod
+    def schedule(T: int, beta_start: float, beta_end: float) -> dict[str, torch.Tensor]:
+        """Every per-step coefficient, computed once in float64. Each value has shape ``(T,)``."""
+        betas = linear_beta_schedule(T, beta_start, beta_end)
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = torch.cat((torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]))
+        return {
+            "betas": betas,
+            "alphas_cumprod": alphas_cumprod,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+            "sqrt_recip_alphas": alphas.rsqrt(),
+            # eps coefficient in the mean of Algorithm 2: beta_t / sqrt(1 - alpha_bar_t)
+            "eps_coef": betas / (1.0 - alphas_cumprod).sqrt(),
+            # beta_tilde_t of eq. 7; zero at t = 0, so the last step adds no noise
+            "posterior_variance": betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        }
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Diffuse clean images to step ``t`` (eq. 4): ``x_t = sqrt(a_bar) x0 + sqrt(1 - a_bar) eps``."""
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
+            + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise
+        )
+
+    def loss(self, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Simplified training objective (Algorithm 1, eq. 14) with label dropout.
+
+        ``x0 (B, C, H, W)`` in ``[-1, 1]``, ``labels (B,)`` -> scalar MSE between true and predicted noise.
+        """
+        batch, device = x0.shape[0], x0.device
+        source = generator.device if generator is not None else device
+        t = torch.randint(0, self.T, (batch,), generator=generator, device=source).to(device)
+        noise = _randn(tuple(x0.shape), device, generator)
+        drop = torch.rand(batch, generator=generator, device=source).to(device) < self.p_uncond
+        labels = torch.where(drop, torch.full_like(labels, self.eps_model.null_label), labels)
+        return F.mse_loss(self.eps_model(self.q_sample(x0, t, noise), t, labels), noise)
+
+    def guided_eps(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: float) -> torch.Tensor:
+        """Classifier-free guided noise estimate ``eps_u + s (eps_c - eps_u)`` with ``s = guidance``.
+
+        One network call: the conditional and unconditional halves share a batch.
+        ``s = 1`` and ``s = 0`` need only one of them and skip the other.
+        """
+        null = torch.full_like(labels, self.eps_model.null_label)
+        if guidance == 1.0:
+            return self.eps_model(x, t, labels)
+        if guidance == 0.0:
+            return self.eps_model(x, t, null)
+        eps = self.eps_model(torch.cat((x, x)), torch.cat((t, t)), torch.cat((labels, null)))
+        eps_cond, eps_uncond = eps.chunk(2)
+        return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+    def p_step(
+        self,
+        x: torch.Tensor,
+        t: int,
+        labels: torch.Tensor,
+        guidance: float,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """One reverse step ``x_t -> x_{t-1}`` (Algorithm 2, line 4); no noise is added at ``t = 0``."""
+        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        eps = self.guided_eps(x, t_batch, labels, guidance)
+        mean = self.sqrt_recip_alphas[t] * (x - self.eps_coef[t] * eps)
+        if t == 0:
+            return mean
+        return mean + self.posterior_variance[t].sqrt() * _randn(tuple(x.shape), x.device, generator)
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        labels: torch.Tensor,
+        guidance: float = 2.0,
+        generator: torch.Generator | None = None,
+        return_trajectory: bool = False,
+        progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Ancestral sampling (Algorithm 2) for any labels ``(B,)``.
+
+        Returns ``x_0`` of shape ``(B, C, 28, 28)`` in roughly ``[-1, 1]`` (not clipped);
+        with ``return_trajectory`` also every state ``x_T, ..., x_0`` as ``(T + 1, B, C, 28, 28)`` on the CPU.
+        ``progress`` may wrap the step iterator (e.g. ``tqdm``).
+        """
+        model = self.eps_model
+        shape = (labels.shape[0], model.in_channels, 28, 28)
+        x = _randn(shape, labels.device, generator)
+        trajectory = [x.cpu()] if return_trajectory else None
+        steps: Iterable[int] = range(self.T - 1, -1, -1)
+        for t in progress(steps) if progress else steps:
+            x = self.p_step(x, t, labels, guidance, generator)
+            if trajectory is not None:
+                trajectory.append(x.cpu())
+        if trajectory is not None:
+            return x, torch.stack(trajectory)
+        return x

@@ -1,0 +1,159 @@
+"""Schedule, forward process, network shapes, guidance and the sampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddpm import DDPM, extract
+from unet import ContextUnet
+
+
+def tiny_ddpm(T: int = 10, seed: int = 0) -> DDPM:
+    torch.manual_seed(seed)
+    return DDPM(ContextUnet(1, 8, 10), T=T, beta_start=1e-3, beta_end=0.2).eval()
+
+
+def test_schedule_pinned_values():
+    ddpm = DDPM(ContextUnet(1, 8, 10), T=500)  # the ancestor's schedule: 1e-4 .. 0.02 over 500 steps
+    expected = {  # t = 0, 249, 499
+        "betas": [1e-4, 0.01003006012, 0.02],
+        "alphas_cumprod": [0.9999, 0.2806852976, 0.006352710797],
+        "posterior_variance": [0.0, 0.009990406231, 0.01999739048],
+        "eps_coef": [0.01, 0.01182616864, 0.0200638314],
+        "sqrt_recip_alphas": [1.000050004, 1.005053074, 1.010152545],
+    }
+    for name, values in expected.items():
+        buffer = getattr(ddpm, name)
+        assert buffer.dtype == torch.float32 and buffer.shape == (500,)
+        assert buffer[[0, 249, 499]].tolist() == pytest.approx(values, rel=1e-6, abs=1e-12), name
+
+
+def test_schedule_is_consistent():
+    ddpm = DDPM(ContextUnet(1, 8, 10), T=1000)
+    torch.testing.assert_close(ddpm.sqrt_alphas_cumprod ** 2 + ddpm.sqrt_one_minus_alphas_cumprod ** 2,
+                               torch.ones(1000))
+    assert (ddpm.alphas_cumprod[1:] < ddpm.alphas_cumprod[:-1]).all()
+    assert ddpm.posterior_variance[0] == 0 and (ddpm.posterior_variance[1:] > 0).all()
+    assert (ddpm.posterior_variance <= ddpm.betas).all()
+
+
+def test_schedule_is_not_saved_in_state_dict():
+    assert all(key.startswith("eps_model.") for key in tiny_ddpm().state_dict())
+
+
+def test_extract_broadcasts_per_sample():
+    coefficients = torch.arange(10.0)
+    out = extract(coefficients, torch.tensor([3, 7]), ndim=4)
+    assert out.shape == (2, 1, 1, 1) and out.flatten().tolist() == [3.0, 7.0]
+
+
+def test_q_sample_statistics():
+    ddpm = tiny_ddpm(T=500)
+    ddpm = DDPM(ddpm.eps_model, T=500)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.full((4000, 1, 28, 28), 0.5)
+    for step in (0, 250, 499):
+        t = torch.full((4000,), step)
+        xt = ddpm.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+        a_bar = ddpm.alphas_cumprod[step].item()
+        assert xt.mean().item() == pytest.approx(0.5 * a_bar ** 0.5, abs=2e-3)
+        assert xt.std().item() == pytest.approx((1 - a_bar) ** 0.5, rel=5e-3)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_network_output_shapes(batch):
+    model = ContextUnet(1, 16, 10)
+    x, t = torch.randn(batch, 1, 28, 28), torch.randint(0, 500, (batch,))
+    conditional = model(x, t, torch.randint(0, 10, (batch,)))
+    unconditional = model(x, t, torch.full((batch,), model.null_label))
+    assert conditional.shape == unconditional.shape == (batch, 1, 28, 28)
+    assert not torch.allclose(conditional, unconditional)
+
+
+def test_network_rejects_bad_width():
+    with pytest.raises(ValueError):
+        ContextUnet(1, 12, 10)
+
+
+def test_network_uses_time_and_label():
+    torch.manual_seed(0)
+    model = ContextUnet(1, 8, 10)
+    x = torch.randn(2, 1, 28, 28)
+    base = model(x, torch.tensor([5, 5]), torch.tensor([1, 1]))
+    assert not torch.allclose(base, model(x, torch.tensor([6, 6]), torch.tensor([1, 1])))
+    assert not torch.allclose(base, model(x, torch.tensor([5, 5]), torch.tensor([2, 2])))
+
+
+def test_guidance_formula():
+    ddpm = tiny_ddpm()
+    x, t, labels = torch.randn(4, 1, 28, 28), torch.tensor([0, 3, 6, 9]), torch.tensor([1, 2, 3, 4])
+    with torch.no_grad():
+        cond = ddpm.eps_model(x, t, labels)
+        uncond = ddpm.eps_model(x, t, torch.full_like(labels, 10))
+        torch.testing.assert_close(ddpm.guided_eps(x, t, labels, 1.0), cond)
+        torch.testing.assert_close(ddpm.guided_eps(x, t, labels, 0.0), uncond)
+        torch.testing.assert_close(ddpm.guided_eps(x, t, labels, 3.0), uncond + 3.0 * (cond - uncond),
+                                   rtol=1e-4, atol=1e-5)
+        # the batched path agrees with the single-pass path at s = 1 up to float error
+        torch.testing.assert_close(ddpm.guided_eps(x, t, labels, 1.0 + 1e-9), cond, rtol=1e-4, atol=1e-5)
+
+
+def test_loss_is_finite_and_drops_labels():
+    ddpm = tiny_ddpm()
+    seen = []
+    forward = ddpm.eps_model.forward
+    ddpm.eps_model.forward = lambda x, t, labels: (seen.append(labels.clone()), forward(x, t, labels))[1]
+    ddpm.p_uncond = 0.5
+    loss = ddpm.loss(torch.rand(64, 1, 28, 28) * 2 - 1, torch.arange(64) % 10, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and loss.ndim == 0
+    dropped = (seen[0] == 10).float().mean().item()
+    assert 0.3 < dropped < 0.7
+    assert ((seen[0] == 10) | (seen[0] == torch.arange(64) % 10)).all()
+
+
+def test_last_step_adds_no_noise():
+    ddpm = tiny_ddpm()
+    x, labels = torch.randn(2, 1, 28, 28), torch.tensor([1, 2])
+    with torch.no_grad():
+        a = ddpm.p_step(x, 0, labels, 2.0, torch.Generator().manual_seed(0))
+        b = ddpm.p_step(x, 0, labels, 2.0, torch.Generator().manual_seed(1))
+        c = ddpm.p_step(x, 1, labels, 2.0, torch.Generator().manual_seed(0))
+        d = ddpm.p_step(x, 1, labels, 2.0, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(c, d)
+
+
+def test_sampler_is_seeded_and_takes_any_labels():
+    ddpm = tiny_ddpm()
+    labels = torch.tensor([7, 7, 3])  # not a multiple of 10
+    a = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(42))
+    b = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(42))
+    c = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(43))
+    assert a.shape == (3, 1, 28, 28)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_trajectory_only_when_asked():
+    ddpm = tiny_ddpm(T=6)
+    labels = torch.tensor([1, 2])
+    x = ddpm.sample(labels, generator=torch.Generator().manual_seed(0))
+    x2, trajectory = ddpm.sample(labels, generator=torch.Generator().manual_seed(0), return_trajectory=True)
+    assert isinstance(x, torch.Tensor) and trajectory.shape == (7, 2, 1, 28, 28)
+    torch.testing.assert_close(trajectory[-1], x2)
+    torch.testing.assert_close(x, x2)
+
+
+def test_sampler_follows_algorithm_2():
+    """One reverse step equals the formula of Algorithm 2 written out by hand."""
+    ddpm = tiny_ddpm()
+    x, labels, t = torch.randn(2, 1, 28, 28), torch.tensor([4, 5]), 6
+    with torch.no_grad():
+        eps = ddpm.guided_eps(x, torch.full((2,), t), labels, 2.0)
+        beta, a_bar = ddpm.betas[t], ddpm.alphas_cumprod[t]
+        mean = (x - beta / (1 - a_bar).sqrt() * eps) / (1 - beta).sqrt()
+        sigma = (beta * (1 - ddpm.alphas_cumprod[t - 1]) / (1 - a_bar)).sqrt()
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+        step = ddpm.p_step(x, t, labels, 2.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(step, mean + sigma * z, rtol=1e-5, atol=1e-6)

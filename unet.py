@@ -1,0 +1,156 @@
+"""The noise-prediction network: ``eps = model(x_t, t, labels)``.
+
+A small UNet for 28x28 images in the shape of the ancestor's ``ContextUnet``: two
+down blocks (28 -> 14 -> 7), a 7x7 bottleneck pooled to one vector, and two up
+blocks with skip connections. The timestep and the class label ("context")
+modulate the decoder feature maps as ``h = context_embedding * h + time_embedding``.
+
+Conventions (the same everywhere in the project):
+
+* ``t`` is an integer tensor of shape ``(B,)`` with values in ``[0, T-1]``;
+  ``t = 0`` is the least noisy step. It is embedded here (sinusoidally, then by
+  a small MLP), so the network never needs to know ``T``.
+* ``labels`` is an integer tensor of shape ``(B,)`` with values in
+  ``[0, n_classes-1]``, or ``null_label == n_classes`` for "no label": a
+  learned embedding used when the label is dropped (classifier-free guidance).
+
+The network knows nothing of noise schedules; ``ddpm.py`` owns those.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class ResidualConvBlock(nn.Module):
+    """Two 3x3 conv + GroupNorm + GELU layers with a residual connection.
+
+    ``(B, in_ch, H, W) -> (B, out_ch, H, W)``.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, 1, 1), nn.GroupNorm(8, out_ch), nn.GELU())
+        self.conv2 = nn.Sequential(nn.Conv2d(out_ch, out_ch, 3, 1, 1), nn.GroupNorm(8, out_ch), nn.GELU())
+        self.same_channels = in_ch == out_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h1 = self.conv1(x)
+        h2 = self.conv2(h1)
+        # Skip from the input when shapes allow, else from the first conv; the
+        # 1/sqrt(2) keeps the variance of the sum near that of its parts.
+        skip = x if self.same_channels else h1
+        return (skip + h2) / math.sqrt(2.0)
+
+
+class Down(nn.Module):
+    """``(B, in_ch, H, W) -> (B, out_ch, H/2, W/2)``."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(ResidualConvBlock(in_ch, out_ch), nn.MaxPool2d(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class Up(nn.Module):
+    """Upsample ``cat(x, skip)`` by 2: ``(B, in_ch, H, W) -> (B, out_ch, 2H, 2W)``."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ConvTranspose2d(in_ch, out_ch, 2, 2),
+            ResidualConvBlock(out_ch, out_ch),
+            ResidualConvBlock(out_ch, out_ch),
+        )
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.block(torch.cat((x, skip), dim=1))
+
+
+class EmbedMLP(nn.Module):
+    """``(B, in_dim) -> (B, out_dim, 1, 1)``, ready to broadcast over feature maps."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[:, :, None, None]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017): ``(B,) -> (B, dim)``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat((torch.cos(angles), torch.sin(angles)), dim=1)
+
+
+class ContextUnet(nn.Module):
+    """Class-conditional UNet predicting the noise in ``x_t``.
+
+    Args:
+        in_channels: image channels (1 for MNIST).
+        n_feat: base width; the bottleneck has ``2 * n_feat`` channels. Must be a
+            multiple of 8 (GroupNorm uses 8 groups).
+        n_classes: number of real classes; label ``n_classes`` means "no label".
+    """
+
+    def __init__(self, in_channels: int = 1, n_feat: int = 128, n_classes: int = 10) -> None:
+        super().__init__()
+        if n_feat <= 0 or n_feat % 8:
+            raise ValueError(f"n_feat must be a positive multiple of 8, got {n_feat}")
+        self.in_channels, self.n_feat, self.n_classes = in_channels, n_feat, n_classes
+        self.null_label = n_classes
+
+        self.init_conv = ResidualConvBlock(in_channels, n_feat)
+        self.down1 = Down(n_feat, n_feat)
+        self.down2 = Down(n_feat, 2 * n_feat)
+        self.to_vec = nn.Sequential(nn.AvgPool2d(7), nn.GELU())
+
+        self.label_embedding = nn.Embedding(n_classes + 1, n_feat)
+        self.time_embed1 = EmbedMLP(n_feat, 2 * n_feat)
+        self.time_embed2 = EmbedMLP(n_feat, n_feat)
+        self.context_embed1 = EmbedMLP(n_feat, 2 * n_feat)
+        self.context_embed2 = EmbedMLP(n_feat, n_feat)
+
+        self.up0 = nn.Sequential(
+            nn.ConvTranspose2d(2 * n_feat, 2 * n_feat, 7, 7), nn.GroupNorm(8, 2 * n_feat), nn.ReLU()
+        )
+        self.up1 = Up(4 * n_feat, n_feat)
+        self.up2 = Up(2 * n_feat, n_feat)
+        self.out = nn.Sequential(
+            nn.Conv2d(2 * n_feat, n_feat, 3, 1, 1),
+            nn.GroupNorm(8, n_feat),
+            nn.ReLU(),
+            nn.Conv2d(n_feat, in_channels, 3, 1, 1),
+        )
+
+    def embed_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Label indices ``(B,)`` -> context vectors ``(B, n_feat)``."""
+        return self.label_embedding(labels)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Predict the noise: ``x (B, C, 28, 28)``, ``t (B,)``, ``labels (B,)`` -> ``(B, C, 28, 28)``."""
+        return self.forward_context(x, t, self.embed_labels(labels))
+
+    def forward_context(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """As :meth:`forward`, with the label already embedded as ``context (B, n_feat)``.
+
+        Lets callers blend class embeddings (e.g. to interpolate between digits).
+        """
+        h0 = self.init_conv(x)
+        d1 = self.down1(h0)
+        d2 = self.down2(d1)
+        vec = self.to_vec(d2)
+
+        t_emb = timestep_embedding(t, self.n_feat)
+        h = self.up0(vec)
+        h = self.up1(self.context_embed1(context) * h + self.time_embed1(t_emb), d2)
+        h = self.up2(self.context_embed2(context) * h + self.time_embed2(t_emb), d1)
+        return self.out(torch.cat((h, h0), dim=1))
