@@ -1,0 +1,191 @@
+"""train.py and sample.py end to end on a tiny fake MNIST (torchvision's real loader, no network)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import checkpoint
+import sample
+import train
+from conftest import TINY_TRAIN, write_fake_mnist
+from data import load_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_fake_mnist_reads_through_torchvision(fake_mnist):
+    images, labels = load_dataset(fake_mnist, train=True, download=False)
+    assert images.shape == (64, 28, 28) and images.dtype == torch.uint8
+    assert labels.shape == (64,) and labels[:10].tolist() == list(range(10))
+
+
+def test_train_writes_every_promised_file(trained_run):
+    out = trained_run["out"]
+    for epoch in (1, 2):
+        grid = os.path.join(out, "DDMP_generated_samples_8_8", f"samples_epoch{epoch}_8_8.png")
+        with Image.open(grid) as image:  # one row of digits 0..9, 28 px plus 2 px padding each
+            assert image.size == (10 * 30 + 2, 30 + 2)
+            assert np.asarray(image)[0, 0] == 255  # white background, as in the ancestor's pictures
+    assert os.path.getsize(os.path.join(out, "loss_plot_8_8.png")) > 1000
+    ckpt = torch.load(trained_run["checkpoint"], weights_only=True)
+    assert ckpt["epoch"] == 2 and len(ckpt["losses"]) == 2 * 4  # 64 images / batch 16
+    assert {"model", "ema", "optimizer", "config", "losses", "epoch"} <= set(ckpt)
+    assert ckpt["config"]["T"] == 8 and ckpt["config"]["n_feat"] == 8
+    assert not [f for f in os.listdir(os.path.join(out, "checkpoints")) if f.startswith(".tmp")]
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(trained_run, tmp_path):
+    ddpm, ckpt = checkpoint.load_sampler(trained_run["checkpoint"], torch.device("cpu"))
+    copy = str(tmp_path / "copy.pt")
+    checkpoint.save_checkpoint(copy, **{k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    again, _ = checkpoint.load_sampler(copy, torch.device("cpu"))
+    x, t, y = torch.randn(3, 1, 28, 28), torch.tensor([0, 4, 7]), torch.tensor([1, 5, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(ddpm.eps_model(x, t, y), again.eps_model(x, t, y), rtol=0, atol=0)
+    a = ddpm.sample(y[:2], generator=torch.Generator().manual_seed(0))
+    b = again.sample(y[:2], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sample_one_digit_grid_and_npz(trained_run, tmp_path):
+    out, npz = str(tmp_path / "sevens.png"), str(tmp_path / "sevens.npz")
+    args = ["--checkpoint", trained_run["checkpoint"], "--digit", "7", "--n", "12", "--out", out, "--npz", npz,
+            "--device", "cpu", "--seed", "3"]
+    assert sample.main(args) == 0
+    data = np.load(npz)
+    assert data["images"].shape == (12, 28, 28) and data["images"].dtype == np.uint8
+    assert data["labels"].tolist() == [7] * 12 and np.issubdtype(data["labels"].dtype, np.integer)
+    with Image.open(out) as image:
+        assert image.size == (10 * 30 + 2, 2 * 30 + 2)
+    first = data["images"].copy()
+    assert sample.main(args) == 0  # same seed, same images
+    np.testing.assert_array_equal(np.load(npz)["images"], first)
+
+
+def test_sample_every_digit_from_newest_checkpoint(trained_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(trained_run["out"])
+    npz = str(tmp_path / "all.npz")
+    assert sample.main(["--n", "2", "--npz", npz, "--out", str(tmp_path / "all.png"), "--guidance", "0"]) == 0
+    assert np.load(npz)["labels"].tolist() == list(range(10)) * 2
+
+
+def test_resume_continues_where_it_stopped(tmp_path, monkeypatch):
+    data = write_fake_mnist(str(tmp_path / "data"))
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    assert train.main(TINY_TRAIN + ["--data-root", data, "--out-dir", full]) == 0
+
+    real_save = train.save_checkpoint
+
+    def save_then_die(path, **fields):  # the process is killed right after epoch 1's checkpoint
+        real_save(path, **fields)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    assert train.main(TINY_TRAIN + ["--data-root", data, "--out-dir", cut]) == 130
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert torch.load(checkpoint.checkpoint_path(cut, 8, 8), weights_only=True)["epoch"] == 1
+    assert train.main(TINY_TRAIN + ["--data-root", data, "--out-dir", cut, "--resume"]) == 0
+
+    a = torch.load(checkpoint.checkpoint_path(full, 8, 8), weights_only=True)
+    b = torch.load(checkpoint.checkpoint_path(cut, 8, 8), weights_only=True)
+    assert b["epoch"] == 2 and a["losses"] == b["losses"]
+    for key in a["ema"]:
+        torch.testing.assert_close(a["ema"][key], b["ema"][key], rtol=0, atol=0)
+    assert os.path.exists(os.path.join(cut, "DDMP_generated_samples_8_8", "samples_epoch2_8_8.png"))
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def snapshot(folder: str) -> dict[str, tuple[int, bytes]]:
+    found = {}
+    for base, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(base, name)
+            with open(path, "rb") as f:
+                found[path] = (os.stat(path).st_mtime_ns, f.read())
+    return found
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--digit", "10"], "--digit"),
+    (["--digit", "-1"], "--digit"),
+    (["--n", "0"], "--n"),
+    (["--guidance", "-1"], "--guidance"),
+    (["--checkpoint", "missing.pt"], "no checkpoint"),
+    (["--checkpoint", "corrupt.pt"], "cannot read checkpoint"),
+    (["--checkpoint", "foreign.pt"], "not a checkpoint written by train.py"),
+    (["--out", "blocker/sub/x.png"], "cannot write"),
+    (["--device", "cuda:7"], "--device"),
+])
+def test_sample_bad_input(trained_run, tmp_path, monkeypatch, capsys, args, words):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    if "--checkpoint" not in args:
+        args = args + ["--checkpoint", trained_run["checkpoint"]]
+    before = snapshot(trained_run["out"])
+    assert sample.main(args + ["--out", "kept.png"] if "--out" not in args else args) == 2
+    assert words in one_line_error(capsys)
+    assert snapshot(trained_run["out"]) == before and not os.path.exists("kept.png")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--T", "0"], "--T"),
+    (["--epochs", "-1"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--n-feat", "12"], "multiple of 8"),
+    (["--lr", "abc"], "--lr"),
+    (["--out-dir", "blocker/out"], "cannot write"),
+    (["--data-root", "nowhere"], "MNIST files not found"),
+    (["--resume", "--out-dir", "empty"], "no checkpoint"),
+    (["--out-dir", "RUN"], "already exists"),
+    (["--resume", "--out-dir", "RUN", "--lr", "0.5"], "differs from the checkpoint"),
+])
+def test_train_bad_input(trained_run, tmp_path, monkeypatch, capsys, args, words):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    args = [trained_run["out"] if a == "RUN" else a for a in args]
+    base = TINY_TRAIN + (["--data-root", trained_run["data"]] if "--data-root" not in args else [])
+    base += [] if "--out-dir" in args else ["--out-dir", "fresh"]
+    before = snapshot(trained_run["out"])
+    assert train.main(base + args) == 2
+    assert words in one_line_error(capsys)
+    assert snapshot(trained_run["out"]) == before
+
+
+def test_missing_data_with_download_failure_is_one_line(tmp_path, monkeypatch, capsys):
+    import torchvision
+
+    def no_network(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", no_network)
+    args = [a for a in TINY_TRAIN if a != "--no-download"]
+    assert train.main(args + ["--data-root", str(tmp_path / "d"), "--out-dir", str(tmp_path / "o")]) == 2
+    err = one_line_error(capsys)
+    assert "could not download" in err and os.path.join("MNIST", "raw") in err
+
+
+@pytest.mark.parametrize("script, args", [
+    ("sample.py", ["--digit", "10", "--checkpoint", "nothing.pt"]),
+    ("sample.py", ["--n", "0"]),
+    ("train.py", ["--T", "0"]),
+    ("train.py", ["--epochs", "-1"]),
+])
+def test_real_process_exit_status(tmp_path, script, args):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
