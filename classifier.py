@@ -1,0 +1,156 @@
+"""An independent MNIST classifier, used to check that generated digits are the ones asked for.
+
+    python classifier.py --data-root ../data                 # train (or reuse the cache), print test accuracy
+    python classifier.py --data-root ../data --npz out.npz   # score digits written by sample.py --npz
+
+The classifier is trained on the training split of --data-root and checked on its test
+split; it is cached in --cache (default checkpoints/classifier_mnist.pt) together with a
+fingerprint of the training files, and retrained when those change.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cli import ArgumentParser, UsageError, atomic_write, ensure_writable_dir, positive_int, run_cli
+from data import DATASETS, load_dataset
+
+
+class Classifier(nn.Module):
+    """A small CNN: ``uint8 (B, 28, 28)`` -> logits ``(B, 10)``; :meth:`features` gives ``(B, 128)``."""
+
+    def __init__(self, n_classes: int = 10) -> None:
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
+                nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2),
+            )
+
+        self.body = nn.Sequential(block(1, 32), block(32, 64), nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, n_classes))
+
+    @staticmethod
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        # MNIST's own mean and std of pixel values in [0, 1]
+        return (images.unsqueeze(1).float() / 255.0 - 0.1307) / 0.3081
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(self.prepare(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random shifts of up to 2 pixels and rotations of up to 10 degrees: ``(B, 28, 28)`` uint8 -> same."""
+    batch = x.shape[0]
+    angle = (torch.rand(batch, generator=generator) * 2 - 1) * (10 * np.pi / 180)
+    shift = (torch.rand(batch, 2, generator=generator) * 2 - 1) * (2 / 14)
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack((torch.stack((cos, -sin, shift[:, 0]), 1), torch.stack((sin, cos, shift[:, 1]), 1)), 1)
+    grid = F.affine_grid(theta, (batch, 1, 28, 28), align_corners=False)
+    moved = F.grid_sample(x.unsqueeze(1).float(), grid.to(x.device), align_corners=False)
+    return moved.squeeze(1).round().clamp(0, 255).to(torch.uint8)
+
+
+@torch.inference_mode()
+def predict(model: Classifier, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Predicted labels ``(N,)`` for ``uint8 (N, 28, 28)`` images."""
+    model.eval()
+    return torch.cat([model(chunk).argmax(1) for chunk in images.split(batch_size)])
+
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 12, seed: int = 0) -> Classifier:
+    """Adam with a cosine learning rate over ``epochs`` passes, with augmentation."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = Classifier()
+    steps = epochs * -(-len(images) // 128)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
+    model.train()
+    for _ in range(epochs):
+        for index in torch.randperm(len(images), generator=generator).split(128):
+            loss = F.cross_entropy(model(augment(images[index], generator)), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return model.eval()
+
+
+def fingerprint(root: str, dataset: str = "mnist") -> str:
+    """Names, sizes and modification times of the training files: changes when the data changes."""
+    raw = os.path.join(root, DATASETS[dataset][1], "raw")
+    entries = sorted(f for f in os.listdir(raw) if f.startswith("train")) if os.path.isdir(raw) else []
+    return ";".join(f"{f}:{os.path.getsize(os.path.join(raw, f))}:{int(os.path.getmtime(os.path.join(raw, f)))}"
+                    for f in entries)
+
+
+def load_or_train(root: str, cache: str, epochs: int = 12) -> tuple[Classifier, dict[str, Any]]:
+    """The cached classifier for ``root``'s data, or a newly trained (and cached) one."""
+    stamp = fingerprint(root)
+    if os.path.isfile(cache):
+        saved = torch.load(cache, map_location="cpu", weights_only=True)
+        if isinstance(saved, dict) and saved.get("fingerprint") == stamp and saved.get("epochs") == epochs:
+            model = Classifier()
+            model.load_state_dict(saved["model"])
+            return model.eval(), saved
+    images, labels = load_dataset(root, train=True, download=False)
+    test_images, test_labels = load_dataset(root, train=False, download=False)
+    started = time.perf_counter()
+    model = train_classifier(images, labels, epochs)
+    accuracy = (predict(model, test_images) == test_labels).float().mean().item()
+    saved = {"model": model.state_dict(), "fingerprint": stamp, "epochs": epochs, "test_accuracy": accuracy,
+             "train_size": len(images), "test_size": len(test_images),
+             "train_seconds": time.perf_counter() - started}
+    ensure_writable_dir(os.path.dirname(os.path.abspath(cache)), "cache folder")
+    atomic_write(cache, lambda tmp: torch.save(saved, tmp))
+    return model, saved
+
+
+def score_npz(model: Classifier, path: str) -> dict[str, Any]:
+    """Share of the images in a ``sample.py --npz`` file that the classifier labels as requested."""
+    try:
+        with np.load(path) as data:
+            images, labels = torch.from_numpy(data["images"]), torch.from_numpy(data["labels"]).long()
+    except (OSError, ValueError, KeyError) as err:
+        raise UsageError(f"cannot read {path!r} as a sample.py --npz file ({err})") from None
+    correct = predict(model, images) == labels
+    per_class = {int(k): correct[labels == k].float().mean().item() for k in labels.unique()}
+    return {"n": len(labels), "accuracy": correct.float().mean().item(), "per_class": per_class}
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    p = ArgumentParser(prog="classifier.py", description="Train/cache an MNIST classifier; score generated digits.")
+    p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw (default ./data)")
+    p.add_argument("--cache", default=os.path.join("checkpoints", "classifier_mnist.pt"))
+    p.add_argument("--epochs", type=positive_int, default=12, help="training epochs (default 12)")
+    p.add_argument("--npz", help="score the digits in this sample.py --npz file")
+    args = p.parse_args(argv)
+    model, info = load_or_train(args.data_root, args.cache, args.epochs)
+    print(f"classifier: test accuracy {info['test_accuracy']:.4f} on {info['test_size']} test digits "
+          f"(trained on {info['train_size']}, {info['train_seconds']:.0f}s)")
+    if args.npz:
+        result = score_npz(model, args.npz)
+        print(f"{args.npz}: {result['accuracy']:.4f} of {result['n']} labelled as requested")
+        print("per digit: " + "  ".join(f"{k}:{v:.3f}" for k, v in result["per_class"].items()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli("classifier.py", _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
