@@ -51,6 +51,7 @@ def _bounded(convert: Callable[[str], Any], ok: Callable[[Any], bool], wanted: s
 
 
 positive_int = _bounded(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _bounded(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _bounded(float, lambda v: 0 < v < math.inf, "a positive number")
 non_negative_float = _bounded(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 

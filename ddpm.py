@@ -1,4 +1,7 @@
-"""Denoising diffusion (Ho et al. 2020, "DDPM"): noise schedule, training loss and sampler.
+"""Denoising diffusion (Ho et al. 2020, "DDPM"): noise schedule, training loss and samplers.
+
+Two samplers share one guided noise estimate: the ancestral sampler of DDPM (Algorithm 2,
+all ``T`` steps) and DDIM (Song et al. 2020), which visits a sub-sequence of the timesteps.
 
 Notation follows the paper, with one difference written down once: timesteps are
 0-based. Integer ``t`` in ``[0, T-1]`` here is the paper's step ``t + 1``, so
@@ -141,6 +144,37 @@ class DDPM(nn.Module):
             return mean
         return mean + self.posterior_variance[t].sqrt() * _randn(tuple(x.shape), x.device, generator)
 
+    def ddim_timesteps(self, steps: int) -> list[int]:
+        """``steps`` timesteps from ``T-1`` down to ``0``, evenly spaced, no repeats (``1 <= steps <= T``)."""
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"steps must be between 1 and T={self.T}, got {steps}")
+        return torch.linspace(self.T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+
+    def ddim_step(
+        self,
+        x: torch.Tensor,
+        t: int,
+        t_prev: int,
+        labels: torch.Tensor,
+        guidance: float,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """One DDIM step ``x_t -> x_{t_prev}`` (Song et al. 2020, eq. 12); ``t_prev = -1`` means "to x_0".
+
+        ``eta = 0`` is deterministic; ``eta = 1`` with every timestep is the ancestral sampler.
+        """
+        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        eps = self.guided_eps(x, t_batch, labels, guidance)
+        a_t = self.alphas_cumprod[t]
+        a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(a_t)
+        x0_pred = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        x_prev = a_prev.sqrt() * x0_pred + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        if eta == 0 or t_prev < 0:
+            return x_prev
+        return x_prev + sigma * _randn(tuple(x.shape), x.device, generator)
+
     @torch.inference_mode()
     def sample(
         self,
@@ -149,20 +183,30 @@ class DDPM(nn.Module):
         generator: torch.Generator | None = None,
         return_trajectory: bool = False,
         progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+        sampler: str = "ddpm",
+        steps: int | None = None,
+        eta: float = 0.0,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Ancestral sampling (Algorithm 2) for any labels ``(B,)``.
+        """Generate images for any labels ``(B,)``.
 
-        Returns ``x_0`` of shape ``(B, C, 28, 28)`` in roughly ``[-1, 1]`` (not clipped);
-        with ``return_trajectory`` also every state ``x_T, ..., x_0`` as ``(T + 1, B, C, 28, 28)`` on the CPU.
+        ``sampler="ddpm"``: ancestral sampling over all ``T`` steps (Algorithm 2).
+        ``sampler="ddim"``: DDIM over ``steps`` timesteps (default 50, at most ``T``) with noise scale ``eta``.
+        Returns ``x_0`` of shape ``(B, C, 28, 28)`` in roughly ``[-1, 1]`` (not clipped); with
+        ``return_trajectory`` also every state from ``x_T`` to ``x_0`` as ``(S + 1, B, C, 28, 28)`` on the CPU.
         ``progress`` may wrap the step iterator (e.g. ``tqdm``).
         """
-        model = self.eps_model
-        shape = (labels.shape[0], model.in_channels, 28, 28)
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        timesteps = list(range(self.T - 1, -1, -1)) if sampler == "ddpm" else self.ddim_timesteps(steps or 50)
+        shape = (labels.shape[0], self.eps_model.in_channels, 28, 28)
         x = _randn(shape, labels.device, generator)
         trajectory = [x.cpu()] if return_trajectory else None
-        steps: Iterable[int] = range(self.T - 1, -1, -1)
-        for t in progress(steps) if progress else steps:
-            x = self.p_step(x, t, labels, guidance, generator)
+        pairs: Iterable[tuple[int, int]] = list(zip(timesteps, timesteps[1:] + [-1]))
+        for t, t_prev in progress(pairs) if progress else pairs:
+            if sampler == "ddpm":
+                x = self.p_step(x, t, labels, guidance, generator)
+            else:
+                x = self.ddim_step(x, t, t_prev, labels, guidance, eta, generator)
             if trajectory is not None:
                 trajectory.append(x.cpu())
         if trajectory is not None:

@@ -58,7 +58,7 @@ def generate(ddpm: DDPM, labels: torch.Tensor, guidance: float, seed: int, batch
     chunks = labels.split(batch_size)
     out = []
     for i, chunk in enumerate(chunks):
-        bar = lambda steps: tqdm(steps, total=ddpm.T, desc=f"batch {i + 1}/{len(chunks)}", leave=False,  # noqa: E731
+        bar = lambda steps: tqdm(steps, desc=f"batch {i + 1}/{len(chunks)}", leave=False,  # noqa: E731
                                  file=sys.stderr, dynamic_ncols=True)
         out.append(ddpm.sample(chunk.to(device), guidance, generator=generator, progress=bar).cpu())
     return torch.cat(out)

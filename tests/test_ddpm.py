@@ -157,3 +157,49 @@ def test_sampler_follows_algorithm_2():
         z = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
         step = ddpm.p_step(x, t, labels, 2.0, torch.Generator().manual_seed(0))
     torch.testing.assert_close(step, mean + sigma * z, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("T, steps", [(500, 20), (500, 500), (200, 7), (10, 1), (10, 2), (1000, 999)])
+def test_ddim_timesteps(T, steps):
+    timesteps = DDPM(ContextUnet(1, 8, 10), T=T).ddim_timesteps(steps)
+    assert len(timesteps) == steps and len(set(timesteps)) == steps
+    assert timesteps[0] == T - 1 and (steps == 1 or timesteps[-1] == 0)
+    assert all(a > b for a, b in zip(timesteps, timesteps[1:]))
+
+
+def test_ddim_timesteps_rejects_too_many():
+    with pytest.raises(ValueError):
+        tiny_ddpm(T=10).ddim_timesteps(11)
+
+
+def test_ddim_with_every_step_and_eta_1_is_the_ancestral_sampler():
+    """With all T timesteps and eta = 1, DDIM's update is Algorithm 2's: same noise, same images."""
+    ddpm = tiny_ddpm(T=10)
+    labels = torch.arange(10).repeat(20)
+    a = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(0))
+    b = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=10, eta=1.0)
+    torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+    # and in distribution, with independent noise
+    c = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(1), sampler="ddim", steps=10, eta=1.0)
+    assert c.mean().item() == pytest.approx(a.mean().item(), abs=0.05)
+    assert c.std().item() == pytest.approx(a.std().item(), rel=0.05)
+
+
+def test_ddim_eta_0_is_deterministic_given_the_start():
+    ddpm = tiny_ddpm(T=50)
+    labels = torch.tensor([3, 8])
+    a, traj = ddpm.sample(labels, 2.0, torch.Generator().manual_seed(0), True, sampler="ddim", steps=5)
+    assert traj.shape == (6, 2, 1, 28, 28)
+    b = ddpm.sample(labels, 2.0, torch.Generator().manual_seed(0), sampler="ddim", steps=5)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_ddim_step_formula():
+    """One deterministic DDIM step against eq. 12 written out: x0 prediction plus the direction to x_t."""
+    ddpm = tiny_ddpm(T=20)
+    x, labels = torch.randn(2, 1, 28, 28), torch.tensor([1, 6])
+    with torch.no_grad():
+        eps = ddpm.guided_eps(x, torch.full((2,), 15), labels, 1.5)
+        a_t, a_prev = ddpm.alphas_cumprod[15], ddpm.alphas_cumprod[9]
+        expected = a_prev.sqrt() * (x - (1 - a_t).sqrt() * eps) / a_t.sqrt() + (1 - a_prev).sqrt() * eps
+        torch.testing.assert_close(ddpm.ddim_step(x, 15, 9, labels, 1.5), expected, rtol=1e-5, atol=1e-5)
