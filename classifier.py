@@ -1,26 +1,27 @@
 """An independent MNIST classifier, used to check that generated digits are the ones asked for.
 
-    python classifier.py --data-root ../data                 # train (or reuse the cache), print test accuracy
-    python classifier.py --data-root ../data --npz out.npz   # score digits written by sample.py --npz
+    python classifier.py --data-root DATA    # train (or reuse the cache), print its test accuracy
+
+``evaluate.py`` uses it to score generated digits.
 
 The classifier is trained on the training split of --data-root and checked on its test
-split; it is cached in --cache (default checkpoints/classifier_mnist.pt) together with a
+split; it is cached in --cache (default checkpoints/classifier/classifier_mnist.pt) together with a
 fingerprint of the training files, and retrained when those change.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cli import ArgumentParser, UsageError, atomic_write, ensure_writable_dir, positive_int, run_cli
+from cli import ArgumentParser, atomic_write, ensure_writable_dir, positive_int, run_cli
 from data import DATASETS, load_dataset
 
 
@@ -54,7 +55,7 @@ class Classifier(nn.Module):
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random shifts of up to 2 pixels and rotations of up to 10 degrees: ``(B, 28, 28)`` uint8 -> same."""
     batch = x.shape[0]
-    angle = (torch.rand(batch, generator=generator) * 2 - 1) * (10 * np.pi / 180)
+    angle = (torch.rand(batch, generator=generator) * 2 - 1) * math.radians(10)
     shift = (torch.rand(batch, 2, generator=generator) * 2 - 1) * (2 / 14)
     cos, sin = angle.cos(), angle.sin()
     theta = torch.stack((torch.stack((cos, -sin, shift[:, 0]), 1), torch.stack((sin, cos, shift[:, 1]), 1)), 1)
@@ -97,12 +98,20 @@ def fingerprint(root: str, dataset: str = "mnist") -> str:
                     for f in entries)
 
 
+def _read_cache(cache: str) -> dict[str, Any] | None:
+    try:
+        saved = torch.load(cache, map_location="cpu", weights_only=True)
+    except Exception:  # absent or unreadable: it is only a cache, so train anew
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
 def load_or_train(root: str, cache: str, epochs: int = 12) -> tuple[Classifier, dict[str, Any]]:
     """The cached classifier for ``root``'s data, or a newly trained (and cached) one."""
     stamp = fingerprint(root)
-    if os.path.isfile(cache):
-        saved = torch.load(cache, map_location="cpu", weights_only=True)
-        if isinstance(saved, dict) and saved.get("fingerprint") == stamp and saved.get("epochs") == epochs:
+    saved = _read_cache(cache)
+    if saved is not None:
+        if saved.get("fingerprint") == stamp and saved.get("epochs") == epochs:
             model = Classifier()
             model.load_state_dict(saved["model"])
             return model.eval(), saved
@@ -119,32 +128,15 @@ def load_or_train(root: str, cache: str, epochs: int = 12) -> tuple[Classifier, 
     return model, saved
 
 
-def score_npz(model: Classifier, path: str) -> dict[str, Any]:
-    """Share of the images in a ``sample.py --npz`` file that the classifier labels as requested."""
-    try:
-        with np.load(path) as data:
-            images, labels = torch.from_numpy(data["images"]), torch.from_numpy(data["labels"]).long()
-    except (OSError, ValueError, KeyError) as err:
-        raise UsageError(f"cannot read {path!r} as a sample.py --npz file ({err})") from None
-    correct = predict(model, images) == labels
-    per_class = {int(k): correct[labels == k].float().mean().item() for k in labels.unique()}
-    return {"n": len(labels), "accuracy": correct.float().mean().item(), "per_class": per_class}
-
-
 def _main(argv: Sequence[str] | None) -> int:
-    p = ArgumentParser(prog="classifier.py", description="Train/cache an MNIST classifier; score generated digits.")
+    p = ArgumentParser(prog="classifier.py", description="Train (or load the cached) MNIST classifier.")
     p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw (default ./data)")
-    p.add_argument("--cache", default=os.path.join("checkpoints", "classifier_mnist.pt"))
+    p.add_argument("--cache", default=os.path.join("checkpoints", "classifier", "classifier_mnist.pt"))
     p.add_argument("--epochs", type=positive_int, default=12, help="training epochs (default 12)")
-    p.add_argument("--npz", help="score the digits in this sample.py --npz file")
     args = p.parse_args(argv)
     model, info = load_or_train(args.data_root, args.cache, args.epochs)
     print(f"classifier: test accuracy {info['test_accuracy']:.4f} on {info['test_size']} test digits "
           f"(trained on {info['train_size']}, {info['train_seconds']:.0f}s)")
-    if args.npz:
-        result = score_npz(model, args.npz)
-        print(f"{args.npz}: {result['accuracy']:.4f} of {result['n']} labelled as requested")
-        print("per digit: " + "  ".join(f"{k}:{v:.3f}" for k, v in result["per_class"].items()))
     return 0
 
 

@@ -145,10 +145,23 @@ class DDPM(nn.Module):
         return mean + self.posterior_variance[t].sqrt() * _randn(tuple(x.shape), x.device, generator)
 
     def ddim_timesteps(self, steps: int) -> list[int]:
-        """``steps`` timesteps from ``T-1`` down to ``0``, evenly spaced, no repeats (``1 <= steps <= T``)."""
+        """``steps`` distinct timesteps from ``T-1`` down to ``0`` (``1 <= steps <= T``).
+
+        Spaced quadratically (Song et al. 2020, Appendix D.2): dense near ``t = 0``, where the
+        details of a digit form. On the CPU-preset model this cut the FID of 20-step sampling by
+        about an eighth compared with even spacing (README, quality section).
+        """
         if not 1 <= steps <= self.T:
             raise ValueError(f"steps must be between 1 and T={self.T}, got {steps}")
-        return torch.linspace(self.T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+        if steps == 1:
+            return [self.T - 1]
+        grid = torch.linspace(0, (self.T - 1) ** 0.5, steps, dtype=torch.float64) ** 2
+        timesteps = grid.round().long().tolist()
+        for i in range(1, steps):  # near t = 0 the squares can round to the same step
+            timesteps[i] = max(timesteps[i], timesteps[i - 1] + 1)
+        for i in range(steps - 1, -1, -1):  # and keep room for the steps above
+            timesteps[i] = min(timesteps[i], self.T - steps + i)
+        return timesteps[::-1]
 
     def ddim_step(
         self,
@@ -159,16 +172,24 @@ class DDPM(nn.Module):
         guidance: float,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
+        clip_x0: bool = True,
     ) -> torch.Tensor:
         """One DDIM step ``x_t -> x_{t_prev}`` (Song et al. 2020, eq. 12); ``t_prev = -1`` means "to x_0".
 
-        ``eta = 0`` is deterministic; ``eta = 1`` with every timestep is the ancestral sampler.
+        ``eta = 0`` is deterministic; ``eta = 1`` with every timestep and ``clip_x0=False`` is
+        exactly the ancestral step of Algorithm 2.
         """
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         eps = self.guided_eps(x, t_batch, labels, guidance)
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(a_t)
+        # Clip the predicted x_0 to the data range and re-derive eps from it, as the reference
+        # implementations do: at high noise 1/sqrt(a_t) magnifies small errors in eps, and a
+        # deterministic sampler never washes them out.
         x0_pred = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        if clip_x0:
+            x0_pred = x0_pred.clamp(-1.0, 1.0)
+            eps = (x - a_t.sqrt() * x0_pred) / (1 - a_t).sqrt()
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         x_prev = a_prev.sqrt() * x0_pred + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
         if eta == 0 or t_prev < 0:
@@ -186,11 +207,13 @@ class DDPM(nn.Module):
         sampler: str = "ddpm",
         steps: int | None = None,
         eta: float = 0.0,
+        clip_x0: bool = True,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Generate images for any labels ``(B,)``.
 
         ``sampler="ddpm"``: ancestral sampling over all ``T`` steps (Algorithm 2).
-        ``sampler="ddim"``: DDIM over ``steps`` timesteps (default 50, at most ``T``) with noise scale ``eta``.
+        ``sampler="ddim"``: DDIM over ``steps`` timesteps (default 50, at most ``T``) with noise scale
+        ``eta``, clipping the predicted ``x_0`` to ``[-1, 1]`` unless ``clip_x0`` is false.
         Returns ``x_0`` of shape ``(B, C, 28, 28)`` in roughly ``[-1, 1]`` (not clipped); with
         ``return_trajectory`` also every state from ``x_T`` to ``x_0`` as ``(S + 1, B, C, 28, 28)`` on the CPU.
         ``progress`` may wrap the step iterator (e.g. ``tqdm``).
@@ -206,7 +229,7 @@ class DDPM(nn.Module):
             if sampler == "ddpm":
                 x = self.p_step(x, t, labels, guidance, generator)
             else:
-                x = self.ddim_step(x, t, t_prev, labels, guidance, eta, generator)
+                x = self.ddim_step(x, t, t_prev, labels, guidance, eta, generator, clip_x0)
             if trajectory is not None:
                 trajectory.append(x.cpu())
         if trajectory is not None:

@@ -13,15 +13,15 @@ import argparse
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from checkpoint import load_sampler, newest_checkpoint
-from cli import ArgumentParser, UsageError, atomic_write, ensure_writable_dir, non_negative_float, pick_device
-from cli import positive_int, run_cli
+from cli import DEFAULT_ETA, ArgumentParser, UsageError, atomic_write, describe_sampler, ensure_writable_dir, non_negative_float
+from cli import pick_device, positive_int, resolve_sampler, run_cli
 from data import save_grid, to_uint8
 from ddpm import DDPM
 
@@ -34,6 +34,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="checkpoint file, or a folder whose newest *.pt is used (default ./checkpoints)")
     p.add_argument("--guidance", type=non_negative_float, default=2.0,
                    help="classifier-free guidance scale s: 0 unconditional, 1 conditional (default 2)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"),
+                   help="ddpm: ancestral, all T steps; ddim: --steps steps (default: ddim, 50 steps)")
+    p.add_argument("--steps", type=positive_int, help="DDIM steps (implies --sampler ddim; default 50)")
+    p.add_argument("--eta", type=non_negative_float, default=DEFAULT_ETA,
+                   help="DDIM noise: 0 deterministic, 1 ancestral-like (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     p.add_argument("--batch-size", type=positive_int, default=100, help="images generated at once (default 100)")
@@ -52,15 +57,18 @@ def requested_labels(digit: int | None, n: int, n_classes: int) -> torch.Tensor:
 
 
 def generate(ddpm: DDPM, labels: torch.Tensor, guidance: float, seed: int, batch_size: int,
-             device: torch.device) -> torch.Tensor:
-    """Sample ``labels (N,)`` in batches from one seeded generator: ``(N, 1, 28, 28)`` in ``[-1, 1]``."""
+             device: torch.device, **how: Any) -> torch.Tensor:
+    """Sample ``labels (N,)`` in batches from one seeded generator: ``(N, 1, 28, 28)`` in ``[-1, 1]``.
+
+    ``how`` is passed to ``DDPM.sample`` (``sampler``, ``steps``, ``eta``).
+    """
     generator = torch.Generator().manual_seed(seed)
     chunks = labels.split(batch_size)
     out = []
     for i, chunk in enumerate(chunks):
         bar = lambda steps: tqdm(steps, desc=f"batch {i + 1}/{len(chunks)}", leave=False,  # noqa: E731
                                  file=sys.stderr, dynamic_ncols=True)
-        out.append(ddpm.sample(chunk.to(device), guidance, generator=generator, progress=bar).cpu())
+        out.append(ddpm.sample(chunk.to(device), guidance, generator=generator, progress=bar, **how).cpu())
     return torch.cat(out)
 
 
@@ -81,14 +89,16 @@ def _main(argv: Sequence[str] | None) -> int:
     device = pick_device(args.device)
     ddpm, ckpt = load_sampler(path, device)
     labels = requested_labels(args.digit, args.n, ckpt["config"]["n_classes"])
+    how = resolve_sampler(args.sampler, args.steps, ddpm.T)
     out, npz = output_targets(args)
     started = time.perf_counter()
-    x = generate(ddpm, labels, args.guidance, args.seed, args.batch_size, device)
+    x = generate(ddpm, labels, args.guidance, args.seed, args.batch_size, device, eta=args.eta, **how)
     seconds = time.perf_counter() - started
     save_grid(x, out, ncol=10)
     if npz is not None:
         atomic_write(npz, lambda tmp: _save_npz(tmp, to_uint8(x).numpy(), labels.numpy()))
-    print(f"{len(labels)} images in {seconds:.1f}s from {path} (epoch {ckpt['epoch']}) -> {out}"
+    print(f"{len(labels)} images in {seconds:.1f}s ({describe_sampler(how)}, guidance {args.guidance}) "
+          f"from {path} (epoch {ckpt['epoch']}) -> {out}"
           + (f", {npz}" if npz else ""), file=sys.stderr)
     return 0
 

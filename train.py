@@ -29,7 +29,7 @@ from tqdm import tqdm  # noqa: E402
 
 from checkpoint import build_ddpm, checkpoint_path, load_checkpoint, save_checkpoint  # noqa: E402
 from cli import (  # noqa: E402
-    ArgumentParser, UsageError, atomic_write, ensure_writable_dir, non_negative_float, non_negative_int,
+    DEFAULT_ETA, ArgumentParser, UsageError, atomic_write, ensure_writable_dir, non_negative_float, non_negative_int,
     pick_device, positive_float, positive_int, run_cli,
 )
 from data import load_dataset, save_grid, to_model_range  # noqa: E402
@@ -159,7 +159,7 @@ def sample_grid(ddpm: DDPM, ema: nn.Module, config: dict[str, Any], path: str, d
     sampler = DDPM(ema, config["T"], config["beta_start"], config["beta_end"]).to(device)
     labels = torch.arange(config["n_classes"], device=device).repeat(config["grid_rows"])
     ema.eval()
-    how = dict(sampler="ddim", steps=config["grid_steps"]) if config["grid_steps"] else dict(sampler="ddpm")
+    how = dict(sampler="ddim", steps=config["grid_steps"], eta=DEFAULT_ETA) if config["grid_steps"] else {}
     x = sampler.sample(labels, config["guidance"], generator=torch.Generator().manual_seed(config["seed"]), **how)
     save_grid(x, path, ncol=config["n_classes"])
 

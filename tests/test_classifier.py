@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 
 import classifier
-from conftest import fake_digits, write_fake_mnist
+from conftest import write_fake_mnist
 
 
 def test_cache_is_used_then_rebuilt_when_data_changes(tmp_path, monkeypatch):
@@ -30,26 +29,15 @@ def test_cache_is_used_then_rebuilt_when_data_changes(tmp_path, monkeypatch):
         classifier.load_or_train(data, cache, epochs=3)
 
 
-def test_score_npz_and_cli(tmp_path, capsys):
-    data = write_fake_mnist(str(tmp_path / "data"), n_train=200)
-    cache = str(tmp_path / "clf.pt")
-    images, labels = fake_digits(40, seed=5)
-    npz = str(tmp_path / "gen.npz")
-    np.savez(npz, images=images, labels=labels.astype(np.int64))
-    assert classifier.main(["--data-root", data, "--cache", cache, "--epochs", "3", "--npz", npz]) == 0
-    out = capsys.readouterr().out
-    assert "test accuracy" in out and "of 40 labelled as requested" in out
-
-    model, _ = classifier.load_or_train(data, cache, epochs=3)
-    wrong = str(tmp_path / "wrong.npz")
-    np.savez(wrong, images=images, labels=(labels.astype(np.int64) + 1) % 10)
-    assert classifier.score_npz(model, npz)["accuracy"] > classifier.score_npz(model, wrong)["accuracy"]
-
-
-def test_unreadable_npz_is_one_line(tmp_path, capsys):
+def test_corrupt_cache_is_rebuilt_and_cli_reports(tmp_path, capsys):
     data = write_fake_mnist(str(tmp_path / "data"), n_train=100)
-    bad = tmp_path / "bad.npz"
-    bad.write_text("not an npz")
-    args = ["--data-root", data, "--cache", str(tmp_path / "c.pt"), "--epochs", "1", "--npz", str(bad)]
-    assert classifier.main(args) == 2
+    cache = tmp_path / "clf.pt"
+    cache.write_bytes(b"not a checkpoint")
+    assert classifier.main(["--data-root", data, "--cache", str(cache), "--epochs", "1"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert classifier.load_or_train(data, str(cache), epochs=1)[1]["train_size"] == 100
+
+
+def test_missing_data_is_one_line(tmp_path, capsys):
+    assert classifier.main(["--data-root", str(tmp_path / "none"), "--cache", str(tmp_path / "c.pt")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1

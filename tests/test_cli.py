@@ -69,6 +69,16 @@ def test_sample_one_digit_grid_and_npz(trained_run, tmp_path):
     np.testing.assert_array_equal(np.load(npz)["images"], first)
 
 
+@pytest.mark.parametrize("how", [["--sampler", "ddpm"], ["--steps", "4"], ["--steps", "4", "--eta", "1"]])
+def test_sample_with_each_sampler(trained_run, tmp_path, how):
+    npz = str(tmp_path / "x.npz")
+    args = ["--checkpoint", trained_run["checkpoint"], "--n", "1", "--npz", npz, "--out", str(tmp_path / "x.png")]
+    assert sample.main(args + how) == 0
+    first = np.load(npz)["images"]
+    assert sample.main(args + how) == 0
+    np.testing.assert_array_equal(np.load(npz)["images"], first)
+
+
 def test_sample_every_digit_from_newest_checkpoint(trained_run, tmp_path, monkeypatch):
     monkeypatch.chdir(trained_run["out"])
     npz = str(tmp_path / "all.npz")
@@ -127,6 +137,8 @@ def snapshot(folder: str) -> dict[str, tuple[int, bytes]]:
     (["--checkpoint", "foreign.pt"], "not a checkpoint written by train.py"),
     (["--out", "blocker/sub/x.png"], "cannot write"),
     (["--device", "cuda:7"], "--device"),
+    (["--steps", "9"], "at most T=8"),
+    (["--sampler", "ddpm", "--steps", "4"], "--steps is for --sampler ddim"),
 ])
 def test_sample_bad_input(trained_run, tmp_path, monkeypatch, capsys, args, words):
     monkeypatch.chdir(tmp_path)
@@ -151,6 +163,7 @@ def test_sample_bad_input(trained_run, tmp_path, monkeypatch, capsys, args, word
     (["--data-root", "nowhere"], "MNIST files not found"),
     (["--resume", "--out-dir", "empty"], "no checkpoint"),
     (["--out-dir", "RUN"], "already exists"),
+    (["--grid-steps", "9"], "at most T=8"),
     (["--resume", "--out-dir", "RUN", "--lr", "0.5"], "differs from the checkpoint"),
 ])
 def test_train_bad_input(trained_run, tmp_path, monkeypatch, capsys, args, words):

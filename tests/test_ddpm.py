@@ -159,7 +159,7 @@ def test_sampler_follows_algorithm_2():
     torch.testing.assert_close(step, mean + sigma * z, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("T, steps", [(500, 20), (500, 500), (200, 7), (10, 1), (10, 2), (1000, 999)])
+@pytest.mark.parametrize("T, steps", [(500, 20), (500, 100), (500, 500), (200, 7), (10, 1), (10, 2), (8, 4), (1000, 999)])
 def test_ddim_timesteps(T, steps):
     timesteps = DDPM(ContextUnet(1, 8, 10), T=T).ddim_timesteps(steps)
     assert len(timesteps) == steps and len(set(timesteps)) == steps
@@ -177,10 +177,11 @@ def test_ddim_with_every_step_and_eta_1_is_the_ancestral_sampler():
     ddpm = tiny_ddpm(T=10)
     labels = torch.arange(10).repeat(20)
     a = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(0))
-    b = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=10, eta=1.0)
+    how = dict(sampler="ddim", steps=10, eta=1.0, clip_x0=False)
+    b = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(0), **how)
     torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
     # and in distribution, with independent noise
-    c = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(1), sampler="ddim", steps=10, eta=1.0)
+    c = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(1), **how)
     assert c.mean().item() == pytest.approx(a.mean().item(), abs=0.05)
     assert c.std().item() == pytest.approx(a.std().item(), rel=0.05)
 
@@ -202,4 +203,10 @@ def test_ddim_step_formula():
         eps = ddpm.guided_eps(x, torch.full((2,), 15), labels, 1.5)
         a_t, a_prev = ddpm.alphas_cumprod[15], ddpm.alphas_cumprod[9]
         expected = a_prev.sqrt() * (x - (1 - a_t).sqrt() * eps) / a_t.sqrt() + (1 - a_prev).sqrt() * eps
-        torch.testing.assert_close(ddpm.ddim_step(x, 15, 9, labels, 1.5), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ddpm.ddim_step(x, 15, 9, labels, 1.5, clip_x0=False), expected,
+                                   rtol=1e-5, atol=1e-5)
+        # with clipping, the predicted x_0 stays in the data range: the result is a_prev^(1/2) x0 + ...
+        x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+        eps_clipped = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        torch.testing.assert_close(ddpm.ddim_step(x, 15, 9, labels, 1.5),
+                                   a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps_clipped, rtol=1e-5, atol=1e-5)

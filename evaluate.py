@@ -1,0 +1,201 @@
+"""Measure sample quality: conditional accuracy, FID in a classifier's feature space, and diversity.
+
+    python evaluate.py --checkpoint checkpoints/ddpm_500_32.pt --data-root DATA
+    python evaluate.py --checkpoint C --guidance 0 1 2 4 --steps 10 20 50     # one row per combination
+    python evaluate.py --checkpoint C --sampler ddpm ddim --steps 20           # full ancestral vs 20 DDIM steps
+    python evaluate.py --npz out.npz --data-root DATA                          # digits written by sample.py
+
+For each row, ``--n`` digits of every class are generated (the same digits ``sample.py --n N`` would draw
+with the same seed and settings) and scored with the project's own MNIST classifier (``classifier.py``):
+
+* accuracy: the share the classifier labels as the requested digit (overall, and per digit below the table);
+* FID: the Frechet distance between Gaussians fitted to the classifier's 128-d penultimate features of the
+  generated digits and of the test split. The "real" row gives the same FID for as many real training
+  digits: the floor any model can reach at this sample size;
+* diversity: the mean distance between two digits of the same class in that feature space, relative to
+  the same for real training digits (1.00 = as varied as real digits; a model drawing one 7 over and over
+  scores near 0).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+import classifier as clf
+from checkpoint import load_sampler, newest_checkpoint
+from cli import DEFAULT_ETA, ArgumentParser, UsageError, describe_sampler, non_negative_float, pick_device, positive_int
+from cli import resolve_sampler, run_cli
+from data import load_dataset, to_uint8
+from sample import generate, requested_labels
+
+
+def gaussian_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``(D,)`` and covariance ``(D, D)`` of ``features (N, D)``, in float64."""
+    f = features.double()
+    return f.mean(0), torch.cov(f.T)
+
+
+def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> float:
+    """``|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2))`` (Heusel et al. 2017).
+
+    ``tr((C1 C2)^(1/2))`` is computed as the sum of square roots of the eigenvalues of the symmetric
+    matrix ``C1^(1/2) C2 C1^(1/2)``, which has the same spectrum and is stable to take apart.
+    """
+    values, vectors = torch.linalg.eigh(cov1.double())
+    sqrt_c1 = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+    middle = sqrt_c1 @ cov2.double() @ sqrt_c1
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    distance = (mu1 - mu2).double().pow(2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * trace_sqrt
+    return float(distance.clamp(min=0))
+
+
+def fid(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    return frechet_distance(*gaussian_stats(features_a), *gaussian_stats(features_b))
+
+
+def within_class_spread(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean distance between two different samples of the same class, averaged over classes."""
+    spreads = []
+    for k in labels.unique():
+        f = features[labels == k].double()
+        if len(f) > 1:
+            spreads.append(torch.cdist(f, f).sum() / (len(f) * (len(f) - 1)))
+    return float(torch.stack(spreads).mean())
+
+
+@torch.inference_mode()
+def features_of(model: clf.Classifier, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classifier features ``(N, 128)`` and predicted labels ``(N,)`` of ``uint8 (N, 28, 28)`` images."""
+    model.eval()
+    feats = torch.cat([model.features(chunk) for chunk in images.split(1000)])
+    return feats, model.head(feats).argmax(1)
+
+
+class Reference:
+    """Real-data statistics: the test split, and a balanced draw of real training digits as the floor."""
+
+    def __init__(self, model: clf.Classifier, data_root: str, n_per_class: int, seed: int) -> None:
+        test_images, _ = load_dataset(data_root, train=False, download=False)
+        self.test_stats = gaussian_stats(features_of(model, test_images)[0])
+        images, labels = load_dataset(data_root, train=True, download=False)
+        generator = torch.Generator().manual_seed(seed)
+        picks = []
+        for k in range(10):
+            index = (labels == k).nonzero().flatten()
+            picks.append(index[torch.randperm(len(index), generator=generator)[:n_per_class]])
+        pick = torch.cat(picks)
+        features, _ = features_of(model, images[pick])
+        self.real_spread = within_class_spread(features, labels[pick])
+        self.floor = {"name": "real training digits", "n": len(pick), "accuracy": float("nan"),
+                      "fid": frechet_distance(*gaussian_stats(features), *self.test_stats), "diversity": 1.0}
+
+    def score(self, model: clf.Classifier, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        features, predicted = features_of(model, images)
+        correct = predicted == labels
+        return {
+            "n": len(labels),
+            "accuracy": correct.float().mean().item(),
+            "per_digit": {int(k): correct[labels == k].float().mean().item() for k in labels.unique()},
+            "fid": frechet_distance(*gaussian_stats(features), *self.test_stats),
+            "diversity": within_class_spread(features, labels) / self.real_spread,
+        }
+
+
+def sampler_settings(samplers: list[str] | None, steps: list[int] | None, T: int) -> list[dict[str, Any]]:
+    """Every sampler row asked for: ddpm once, ddim once per ``--steps`` value."""
+    if steps and samplers and "ddim" not in samplers:
+        raise UsageError("--steps is for --sampler ddim; the ddpm sampler always takes all T steps")
+    rows = []
+    for sampler in samplers or [None]:
+        for n_steps in ([None] if sampler == "ddpm" or not steps else steps):
+            rows.append(resolve_sampler(sampler, n_steps, T))
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| sampler | guidance | n | accuracy | FID | diversity | s / 1,000 digits |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        accuracy = "-" if np.isnan(r["accuracy"]) else f"{100 * r['accuracy']:.1f}%"
+        seconds = f"{r['seconds_per_1000']:.1f}" if "seconds_per_1000" in r else "-"
+        lines.append(f"| {r['name']} | {r.get('guidance', '-')} | {r['n']} | {accuracy} | {r['fid']:.2f} | "
+                     f"{r['diversity']:.2f} | {seconds} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None):
+    p = ArgumentParser(prog="evaluate.py", description="Score generated digits: accuracy, FID, diversity.")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", default="checkpoints",
+                        help="checkpoint file, or a folder whose newest ddpm_*.pt is used (default ./checkpoints)")
+    source.add_argument("--npz", help="score the digits in this sample.py --npz file instead of generating")
+    p.add_argument("--n", type=positive_int, default=100, help="digits per class for each row (default 100)")
+    p.add_argument("--guidance", type=non_negative_float, nargs="+", default=[2.0], help="guidance scales (default 2)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), nargs="+", help="samplers (default: ddim)")
+    p.add_argument("--steps", type=positive_int, nargs="+", help="DDIM step counts (default 50)")
+    p.add_argument("--eta", type=non_negative_float, default=DEFAULT_ETA,
+                   help="DDIM noise (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed, as in sample.py (default 0)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    p.add_argument("--batch-size", type=positive_int, default=100, help="digits generated at once (default 100)")
+    p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw, train and test (default ./data)")
+    p.add_argument("--classifier-cache", default=os.path.join("checkpoints", "classifier", "classifier_mnist.pt"))
+    p.add_argument("--classifier-epochs", type=positive_int, default=12, help="epochs if it must be trained")
+    return p.parse_args(argv)
+
+
+def _score_npz(path: str, model: clf.Classifier, ref: Reference) -> dict[str, Any]:
+    try:
+        with np.load(path) as data:
+            images, labels = torch.from_numpy(data["images"]), torch.from_numpy(data["labels"]).long()
+    except (OSError, ValueError, KeyError) as err:
+        raise UsageError(f"cannot read {path!r} as a sample.py --npz file ({err})") from None
+    return {"name": os.path.basename(path), **ref.score(model, images, labels)}
+
+
+def _score_checkpoint(args, model: clf.Classifier, ref: Reference) -> list[dict[str, Any]]:
+    path = newest_checkpoint(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
+    device = pick_device(args.device)
+    ddpm, ckpt = load_sampler(path, device)
+    settings = sampler_settings(args.sampler, args.steps, ddpm.T)
+    labels = requested_labels(None, args.n, ckpt["config"]["n_classes"])
+    print(f"checkpoint {path} (epoch {ckpt['epoch']}, T={ddpm.T}, n_feat={ckpt['config']['n_feat']})", file=sys.stderr)
+    rows = []
+    for how in settings:
+        for guidance in args.guidance:
+            started = time.perf_counter()
+            x = generate(ddpm, labels, guidance, args.seed, args.batch_size, device, eta=args.eta, **how)
+            seconds = time.perf_counter() - started
+            row = {"name": describe_sampler(how), "guidance": guidance, **ref.score(model, to_uint8(x), labels),
+                   "seconds_per_1000": seconds / len(labels) * 1000}
+            print(format_table([row]).splitlines()[-1], file=sys.stderr, flush=True)
+            rows.append(row)
+    return rows
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = parse_args(argv)
+    model, info = clf.load_or_train(args.data_root, args.classifier_cache, args.classifier_epochs)
+    ref = Reference(model, args.data_root, args.n, args.seed)
+    rows = [_score_npz(args.npz, model, ref)] if args.npz else _score_checkpoint(args, model, ref)
+    print(f"classifier: {100 * info['test_accuracy']:.2f}% on {info['test_size']} test digits "
+          f"(trained on {info['train_size']}); FID and diversity in its 128-d feature space, "
+          f"against the {info['test_size']} test digits")
+    print(format_table(rows + [ref.floor]))
+    for row in rows:
+        print(f"per digit, {row['name']}, guidance {row.get('guidance', '-')}: "
+              + "  ".join(f"{k}:{100 * v:.0f}%" for k, v in row["per_digit"].items()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli("evaluate.py", _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

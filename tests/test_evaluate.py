@@ -1,0 +1,88 @@
+"""FID, diversity, the sampler rows and evaluate.py end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+from cli import UsageError
+from conftest import fake_digits
+
+
+def test_fid_of_identical_sets_is_zero():
+    features = torch.randn(500, 16, generator=torch.Generator().manual_seed(0))
+    assert evaluate.fid(features, features) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_distance_of_known_gaussians():
+    d = 8
+    mu1, mu2 = torch.zeros(d), torch.full((d,), 0.5)
+    # N(0, I) vs N(mu, 4 I): |mu|^2 + d * (1 + 4 - 2 * 2) = 0.25 d + d
+    assert evaluate.frechet_distance(mu1, torch.eye(d), mu2, 4 * torch.eye(d)) == pytest.approx(1.25 * d)
+    # diagonal covariances: sum of (sqrt(a) - sqrt(b))^2
+    a, b = torch.tensor([1.0, 4.0, 9.0]), torch.tensor([4.0, 1.0, 9.0])
+    assert evaluate.frechet_distance(torch.zeros(3), torch.diag(a), torch.zeros(3), torch.diag(b)) == pytest.approx(2.0)
+
+
+def test_fid_grows_with_the_gap_and_matches_sampled_statistics():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 4, generator=g)
+    y = torch.randn(20000, 4, generator=g) * 2 + 1
+    assert evaluate.fid(x, y) == pytest.approx(4 * 1 + 4 * (1 + 4 - 4), rel=0.05)
+
+
+def test_diversity_is_zero_for_copies():
+    features = torch.randn(1, 8).repeat(20, 1)
+    labels = torch.zeros(20, dtype=torch.long)
+    assert evaluate.within_class_spread(features, labels) == pytest.approx(0.0, abs=1e-6)
+    spread = evaluate.within_class_spread(torch.randn(20, 8), labels)
+    assert spread > 1.0
+
+
+def test_sampler_rows():
+    rows = evaluate.sampler_settings(["ddpm", "ddim"], [10, 20], T=50)
+    assert rows == [{"sampler": "ddpm"}, {"sampler": "ddim", "steps": 10}, {"sampler": "ddim", "steps": 20}]
+    assert evaluate.sampler_settings(None, [5], T=50) == [{"sampler": "ddim", "steps": 5}]
+    assert evaluate.sampler_settings(None, None, T=500)[0]["sampler"] in ("ddpm", "ddim")
+    with pytest.raises(UsageError):
+        evaluate.sampler_settings(["ddim"], [60], T=50)
+
+
+def test_evaluate_checkpoint_end_to_end(trained_run, tmp_path, capsys):
+    args = ["--checkpoint", trained_run["checkpoint"], "--data-root", trained_run["data"], "--n", "3",
+            "--guidance", "0", "2", "--sampler", "ddpm", "ddim", "--steps", "4",
+            "--classifier-cache", str(tmp_path / "clf.pt"), "--classifier-epochs", "1", "--device", "cpu"]
+    assert evaluate.main(args) == 0
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 4 + 1  # header, 2 samplers x 2 guidance values, the real-data floor
+    assert "ddim 4 steps" in out and "ddpm (all T steps)" in out and "real training digits" in out
+    assert out.count("per digit") == 4
+
+
+def test_evaluate_npz(trained_run, tmp_path, capsys):
+    images, labels = fake_digits(30, seed=9)
+    npz = str(tmp_path / "gen.npz")
+    np.savez(npz, images=images, labels=labels.astype(np.int64))
+    args = ["--npz", npz, "--data-root", trained_run["data"], "--n", "3",
+            "--classifier-cache", str(tmp_path / "clf.pt"), "--classifier-epochs", "1"]
+    assert evaluate.main(args) == 0
+    assert "| gen.npz | - | 30 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--steps", "9"], "at most T=8"),
+    (["--sampler", "ddpm", "--steps", "4"], "--steps is for --sampler ddim"),
+    (["--npz", "missing.npz"], "cannot read"),
+])
+def test_evaluate_bad_input(trained_run, tmp_path, monkeypatch, capsys, extra, words):
+    monkeypatch.chdir(tmp_path)
+    args = ["--data-root", trained_run["data"], "--n", "2", "--classifier-cache", "clf.pt",
+            "--classifier-epochs", "1"] + extra
+    if "--npz" not in extra:
+        args += ["--checkpoint", trained_run["checkpoint"]]
+    assert evaluate.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert words in err[-1] and not any("Traceback" in line for line in err)
