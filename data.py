@@ -17,7 +17,7 @@ from PIL import Image
 
 from cli import UsageError, atomic_write
 
-# dataset name -> (torchvision class, folder under the data root, files torchvision reads)
+# dataset name -> (torchvision class, its folder under the data root)
 DATASETS = {
     "mnist": (torchvision.datasets.MNIST, "MNIST"),
 }
@@ -26,7 +26,9 @@ RAW_FILES = (
 )
 
 
-def load_dataset(root: str, train: bool = True, download: bool = True, name: str = "mnist") -> tuple[torch.Tensor, torch.Tensor]:
+def load_dataset(
+    root: str, train: bool = True, download: bool = True, name: str = "mnist"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Read a split with torchvision: ``images (N, 28, 28) uint8``, ``labels (N,) int64``.
 
     Nothing is downloaded when the files are already in ``<root>/<folder>/raw``;

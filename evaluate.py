@@ -19,6 +19,7 @@ with the same seed and settings) and scored with the project's own MNIST classif
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -119,7 +120,8 @@ def sampler_settings(samplers: list[str] | None, steps: list[int] | None, T: int
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| sampler | guidance | n | accuracy | FID | diversity | s / 1,000 digits |", "|---|---|---|---|---|---|---|"]
+    lines = ["| sampler | guidance | n | accuracy | FID | diversity | s / 1,000 digits |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         accuracy = "-" if np.isnan(r["accuracy"]) else f"{100 * r['accuracy']:.1f}%"
         seconds = f"{r['seconds_per_1000']:.1f}" if "seconds_per_1000" in r else "-"
@@ -128,7 +130,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str] | None):
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="evaluate.py", description="Score generated digits: accuracy, FID, diversity.")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", default="checkpoints",
@@ -158,7 +160,7 @@ def _score_npz(path: str, model: clf.Classifier, ref: Reference) -> dict[str, An
     return {"name": os.path.basename(path), **ref.score(model, images, labels)}
 
 
-def _score_checkpoint(args, model: clf.Classifier, ref: Reference) -> list[dict[str, Any]]:
+def _score_checkpoint(args: argparse.Namespace, model: clf.Classifier, ref: Reference) -> list[dict[str, Any]]:
     path = newest_checkpoint(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
     device = pick_device(args.device)
     ddpm, ckpt = load_sampler(path, device)

@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_sampler, newest_checkpoint
-from cli import DEFAULT_ETA, ArgumentParser, UsageError, atomic_write, describe_sampler, ensure_writable_dir, non_negative_float
-from cli import pick_device, positive_int, resolve_sampler, run_cli
+from cli import DEFAULT_ETA, ArgumentParser, UsageError, atomic_write, describe_sampler, ensure_writable_dir
+from cli import non_negative_float, pick_device, positive_int, resolve_sampler, run_cli
 from data import save_grid, to_uint8
 from ddpm import DDPM
 

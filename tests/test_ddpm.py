@@ -159,7 +159,8 @@ def test_sampler_follows_algorithm_2():
     torch.testing.assert_close(step, mean + sigma * z, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("T, steps", [(500, 20), (500, 100), (500, 500), (200, 7), (10, 1), (10, 2), (8, 4), (1000, 999)])
+@pytest.mark.parametrize("T, steps", [(500, 20), (500, 100), (500, 500), (200, 7), (10, 1), (10, 2), (8, 4),
+                                      (1000, 999)])
 def test_ddim_timesteps(T, steps):
     timesteps = DDPM(ContextUnet(1, 8, 10), T=T).ddim_timesteps(steps)
     assert len(timesteps) == steps and len(set(timesteps)) == steps
