@@ -133,3 +133,13 @@ def resolve_sampler(sampler: str | None, steps: int | None, T: int) -> dict[str,
 
 def describe_sampler(how: dict[str, Any]) -> str:
     return "ddpm (all T steps)" if how["sampler"] == "ddpm" else f"ddim {how['steps']} steps"
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """The options ``sample.py`` and ``evaluate.py`` share for how digits are generated."""
+    p.add_argument("--eta", type=non_negative_float, default=DEFAULT_ETA,
+                   help="DDIM noise: 0 deterministic, 1 ancestral-like (default 1)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast: faster on GPUs and CPUs with bf16 units")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    p.add_argument("--batch-size", type=positive_int, default=100, help="images generated at once (default 100)")

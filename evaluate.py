@@ -30,8 +30,8 @@ import torch
 
 import classifier as clf
 from checkpoint import load_sampler, newest_checkpoint
-from cli import DEFAULT_ETA, ArgumentParser, UsageError, describe_sampler, non_negative_float, pick_device, positive_int
-from cli import resolve_sampler, run_cli
+from cli import ArgumentParser, UsageError, add_generation_args, describe_sampler, non_negative_float, pick_device
+from cli import positive_int, resolve_sampler, run_cli
 from data import load_dataset, to_uint8
 from sample import generate, requested_labels
 
@@ -140,11 +140,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--guidance", type=non_negative_float, nargs="+", default=[2.0], help="guidance scales (default 2)")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), nargs="+", help="samplers (default: ddim)")
     p.add_argument("--steps", type=positive_int, nargs="+", help="DDIM step counts (default 50)")
-    p.add_argument("--eta", type=non_negative_float, default=DEFAULT_ETA,
-                   help="DDIM noise (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="random seed, as in sample.py (default 0)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-    p.add_argument("--batch-size", type=positive_int, default=100, help="digits generated at once (default 100)")
+    add_generation_args(p)
     p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw, train and test (default ./data)")
     p.add_argument("--classifier-cache", default=os.path.join("checkpoints", "classifier", "classifier_mnist.pt"))
     p.add_argument("--classifier-epochs", type=positive_int, default=12, help="epochs if it must be trained")
@@ -171,10 +167,10 @@ def _score_checkpoint(args: argparse.Namespace, model: clf.Classifier, ref: Refe
     for how in settings:
         for guidance in args.guidance:
             started = time.perf_counter()
-            x = generate(ddpm, labels, guidance, args.seed, args.batch_size, device, eta=args.eta, **how)
+            x = generate(ddpm, labels, guidance, args.seed, args.batch_size, device, args.amp, eta=args.eta, **how)
             seconds = time.perf_counter() - started
-            row = {"name": describe_sampler(how), "guidance": guidance, **ref.score(model, to_uint8(x), labels),
-                   "seconds_per_1000": seconds / len(labels) * 1000}
+            row = {"name": describe_sampler(how) + (", bf16" if args.amp else ""), "guidance": guidance,
+                   **ref.score(model, to_uint8(x), labels), "seconds_per_1000": seconds / len(labels) * 1000}
             print(format_table([row]).splitlines()[-1], file=sys.stderr, flush=True)
             rows.append(row)
     return rows

@@ -20,10 +20,11 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_sampler, newest_checkpoint
-from cli import DEFAULT_ETA, ArgumentParser, UsageError, atomic_write, describe_sampler, ensure_writable_dir
+from cli import ArgumentParser, UsageError, add_generation_args, atomic_write, describe_sampler, ensure_writable_dir
 from cli import non_negative_float, pick_device, positive_int, resolve_sampler, run_cli
 from data import save_grid, to_uint8
 from ddpm import DDPM
+from speed import Speed, autocast
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -37,11 +38,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sampler", choices=("ddpm", "ddim"),
                    help="ddpm: ancestral, all T steps; ddim: --steps steps (default: ddim, 50 steps)")
     p.add_argument("--steps", type=positive_int, help="DDIM steps (implies --sampler ddim; default 50)")
-    p.add_argument("--eta", type=non_negative_float, default=DEFAULT_ETA,
-                   help="DDIM noise: 0 deterministic, 1 ancestral-like (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-    p.add_argument("--batch-size", type=positive_int, default=100, help="images generated at once (default 100)")
+    add_generation_args(p)
     p.add_argument("--out", help="PNG grid to write (default samples_<digit>.png or samples_all.png)")
     p.add_argument("--npz", help="also save uint8 images (N, 28, 28) and labels (N,) to this .npz file")
     return p.parse_args(argv)
@@ -57,10 +54,11 @@ def requested_labels(digit: int | None, n: int, n_classes: int) -> torch.Tensor:
 
 
 def generate(ddpm: DDPM, labels: torch.Tensor, guidance: float, seed: int, batch_size: int,
-             device: torch.device, **how: Any) -> torch.Tensor:
+             device: torch.device, amp: bool = False, **how: Any) -> torch.Tensor:
     """Sample ``labels (N,)`` in batches from one seeded generator: ``(N, 1, 28, 28)`` in ``[-1, 1]``.
 
-    ``how`` is passed to ``DDPM.sample`` (``sampler``, ``steps``, ``eta``).
+    ``how`` is passed to ``DDPM.sample`` (``sampler``, ``steps``, ``eta``); ``amp`` runs the network
+    under bf16 autocast.
     """
     generator = torch.Generator().manual_seed(seed)
     chunks = labels.split(batch_size)
@@ -68,7 +66,9 @@ def generate(ddpm: DDPM, labels: torch.Tensor, guidance: float, seed: int, batch
     for i, chunk in enumerate(chunks):
         bar = lambda steps: tqdm(steps, desc=f"batch {i + 1}/{len(chunks)}", leave=False,  # noqa: E731
                                  file=sys.stderr, dynamic_ncols=True)
-        out.append(ddpm.sample(chunk.to(device), guidance, generator=generator, progress=bar, **how).cpu())
+        with autocast(device, Speed(amp=amp)):
+            x = ddpm.sample(chunk.to(device), guidance, generator=generator, progress=bar, **how)
+        out.append(x.float().cpu())
     return torch.cat(out)
 
 
@@ -92,7 +92,7 @@ def _main(argv: Sequence[str] | None) -> int:
     how = resolve_sampler(args.sampler, args.steps, ddpm.T)
     out, npz = output_targets(args)
     started = time.perf_counter()
-    x = generate(ddpm, labels, args.guidance, args.seed, args.batch_size, device, eta=args.eta, **how)
+    x = generate(ddpm, labels, args.guidance, args.seed, args.batch_size, device, args.amp, eta=args.eta, **how)
     seconds = time.perf_counter() - started
     save_grid(x, out, ncol=10)
     if npz is not None:

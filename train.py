@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+from dataclasses import replace
 import sys
 import time
 from typing import Any, Sequence
@@ -34,6 +35,9 @@ from cli import (  # noqa: E402
 )
 from data import load_dataset, save_grid, to_model_range  # noqa: E402
 from ddpm import DDPM  # noqa: E402
+from speed import (  # noqa: E402
+    PLAIN, Speed, autocast, batches, default_speed, make_optimizer, prepare_model, with_switches_off,
+)
 
 # Every training setting. "default" is the ancestor's run; "cpu" is sized for a 2-core CPU
 # (see the README for its measured time). Flags given on the command line win over a preset.
@@ -74,6 +78,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=".", help="where grids, the loss plot and checkpoints go (default .)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     p.add_argument("--resume", action="store_true", help="continue this configuration's run from its checkpoint")
+    fast = p.add_argument_group("speed (the fast path is chosen by device; these turn parts of it off)")
+    fast.add_argument("--plain", action="store_true",
+                      help="the plain path: fp32, a DataLoader, eager, the loss read back every step")
+    fast.add_argument("--no-amp", action="store_true", help="no bf16 autocast")
+    fast.add_argument("--no-channels-last", action="store_true", help="keep the NCHW memory layout")
+    fast.add_argument("--no-fused", action="store_true", help="Adam without its fused kernel")
+    fast.add_argument("--no-device-data", action="store_true", help="feed batches through a DataLoader")
+    fast.add_argument("--compile", action="store_true", help="torch.compile the network")
+    fast.add_argument("--log-every", type=positive_int, help="read the loss back every N steps (default 25)")
     p.add_argument("--overwrite", action="store_true", help="start over even if a checkpoint exists")
     return p.parse_args(argv)
 
@@ -81,6 +94,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def explicit_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The training settings given on the command line (those not left to the preset)."""
     return {key: getattr(args, key) for key in TRAINING_KEYS if getattr(args, key) is not None}
+
+
+def speed_from_args(args: argparse.Namespace, device: torch.device) -> Speed:
+    """The fast path for ``device`` with the parts the flags turn off."""
+    speed = PLAIN if args.plain else default_speed(device)
+    off = [name for name, flag in (("amp", args.no_amp), ("channels_last", args.no_channels_last),
+                                   ("fused_optimizer", args.no_fused), ("on_device_data", args.no_device_data))
+           if flag]
+    speed = with_switches_off(speed, off)
+    return replace(speed, compile=args.compile or speed.compile, log_every=args.log_every or speed.log_every)
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -115,8 +138,7 @@ def output_paths(out_dir: str, config: dict[str, Any]) -> dict[str, str]:
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """``ema <- decay * ema + (1 - decay) * model``, parameter by parameter."""
     with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p, 1.0 - decay)
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
         for e, b in zip(ema.buffers(), model.buffers()):
             e.copy_(b)
 
@@ -126,27 +148,45 @@ def ema_decay_at(step: int, decay: float) -> float:
     return min(decay, (1.0 + step) / (10.0 + step))
 
 
+def train_step(ddpm: DDPM, ema: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+               labels: torch.Tensor, generator: torch.Generator, ema_decay: float, speed: Speed) -> torch.Tensor:
+    """One optimisation step on ``uint8 (B, 28, 28)`` images; returns the loss without reading it back."""
+    x = to_model_range(images)
+    if speed.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(images.device, speed):
+        loss = ddpm.loss(x, labels, generator=generator)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    update_ema(ema, ddpm.eps_model, ema_decay)
+    return loss.detach()
+
+
 def train_epoch(ddpm: DDPM, ema: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                labels: torch.Tensor, config: dict[str, Any], epoch: int, step: int) -> list[float]:
+                labels: torch.Tensor, config: dict[str, Any], epoch: int, step: int, speed: Speed) -> list[float]:
     """One pass over ``images (N, 28, 28) uint8`` in a seeded random order; returns the per-step losses."""
-    device, batch_size = images.device, config["batch_size"]
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config["seed"] * 7919 + epoch))
+    device = images.device
+    order_gen = torch.Generator().manual_seed(config["seed"] * 7919 + epoch)
     noise_gen = torch.Generator(device=device).manual_seed(config["seed"] * 7919 + epoch + 1)
     for group in optimizer.param_groups:
         group["lr"] = config["lr"] * (1 - epoch / config["epochs"])
     losses: list[float] = []
-    bar = tqdm(range(0, len(images), batch_size), desc=f"epoch {epoch + 1}/{config['epochs']}",
+    pending: list[torch.Tensor] = []  # losses not yet read back: reading one waits for the device
+    bar = tqdm(total=-(-len(images) // config["batch_size"]), desc=f"epoch {epoch + 1}/{config['epochs']}",
                dynamic_ncols=True, file=sys.stderr)
     ddpm.train()
-    for start in bar:
-        index = order[start:start + batch_size].to(device)
-        loss = ddpm.loss(to_model_range(images[index]), labels[index], generator=noise_gen)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        update_ema(ema, ddpm.eps_model, ema_decay_at(step + len(losses), config["ema_decay"]))
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    for x, y in batches(images, labels, config["batch_size"], order_gen, speed, device):
+        decay = ema_decay_at(step + len(losses) + len(pending), config["ema_decay"])
+        pending.append(train_step(ddpm, ema, optimizer, x, y, noise_gen, decay, speed))
+        if len(pending) == speed.log_every:
+            losses += torch.stack(pending).float().tolist()
+            bar.update(len(pending))
+            pending.clear()
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    losses += torch.stack(pending).float().tolist() if pending else []
+    bar.update(len(pending))
+    bar.close()
     return losses
 
 
@@ -208,17 +248,18 @@ def _main(argv: Sequence[str] | None) -> int:
     images, labels = load_dataset(args.data_root, train=True, download=not args.no_download)
     for folder in (args.out_dir, paths["grids"], os.path.dirname(paths["checkpoint"])):
         ensure_writable_dir(folder, "output folder")
-    train(config, ckpt, images.to(device), labels.to(device), paths, device)
+    train(config, ckpt, images.to(device), labels.to(device), paths, device, speed_from_args(args, device))
     return 0
 
 
 def train(config: dict[str, Any], ckpt: dict[str, Any] | None, images: torch.Tensor, labels: torch.Tensor,
-          paths: dict[str, str], device: torch.device) -> None:
+          paths: dict[str, str], device: torch.device, speed: Speed = PLAIN) -> None:
     """Run (or continue) training to ``config['epochs']``, writing every per-epoch file."""
     torch.manual_seed(config["seed"])
     ddpm = build_ddpm(config).to(device)
     ema = copy.deepcopy(ddpm.eps_model).requires_grad_(False)
-    optimizer = torch.optim.Adam(ddpm.eps_model.parameters(), lr=config["lr"])
+    prepare_model(ddpm.eps_model, speed)
+    optimizer = make_optimizer(ddpm.eps_model, config["lr"], speed)
     history: dict[str, Any] = {"losses": [], "epoch": 0, "train_seconds": 0.0}
     if ckpt is not None:
         ddpm.eps_model.load_state_dict(ckpt["model"])
@@ -227,10 +268,11 @@ def train(config: dict[str, Any], ckpt: dict[str, Any] | None, images: torch.Ten
         history = {key: ckpt[key] for key in history}
     steps_per_epoch = -(-len(images) // config["batch_size"])
     print(f"training on {len(images)} images, {device}, T={config['T']} n_feat={config['n_feat']} "
-          f"batch {config['batch_size']}, epochs {history['epoch'] + 1}..{config['epochs']}", file=sys.stderr)
+          f"batch {config['batch_size']}, epochs {history['epoch'] + 1}..{config['epochs']}; {speed}", file=sys.stderr)
     for epoch in range(history["epoch"], config["epochs"]):
         started = time.perf_counter()
-        history["losses"] += train_epoch(ddpm, ema, optimizer, images, labels, config, epoch, len(history["losses"]))
+        history["losses"] += train_epoch(ddpm, ema, optimizer, images, labels, config, epoch,
+                                         len(history["losses"]), speed)
         sample_grid(ddpm, ema, config, paths["grid"].format(epoch=epoch + 1), device)
         plot_losses(history["losses"], steps_per_epoch, paths["loss_plot"],
                     f"DDPM T={config['T']}, n_feat={config['n_feat']}")

@@ -1,0 +1,178 @@
+"""Training and sampling speed of the fast path against the plain path, measured side by side.
+
+    python benchmarks/bench.py                                   # T=500, n_feat=128, batch 256, default device
+    python benchmarks/bench.py --device cpu --batch-size 128 --train-steps 4 --warmup 1 --sample-n 100 --ablate
+
+Both paths run the very code ``train.py`` runs (``train.train_step`` over ``speed.batches``) on random
+uint8 digits: the plain path is fp32, a DataLoader, eager, the loss read back every step; the fast path is
+``speed.default_speed(device)``. FLOPs are counted once with ``torch.utils.flop_counter`` (a training step
+is counted as forward + backward of the network).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import replace
+from typing import Any, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from checkpoint import build_ddpm  # noqa: E402
+from cli import ArgumentParser, non_negative_float, pick_device, positive_int, run_cli  # noqa: E402
+from speed import PLAIN, Speed, autocast, batches, default_speed, make_optimizer, prepare_model  # noqa: E402
+from train import PRESETS, train_step  # noqa: E402
+
+
+def config_for(T: int, n_feat: int, batch_size: int) -> dict[str, Any]:
+    return {**PRESETS["default"], "T": T, "n_feat": n_feat, "batch_size": batch_size, "in_channels": 1,
+            "n_classes": 10}
+
+
+def training_flops(config: dict[str, Any], batch: int) -> tuple[int, int]:
+    """FLOPs of one forward pass per image, and of one training step (forward + backward) per image."""
+    model = build_ddpm(config).eps_model
+    x, t, y = torch.randn(batch, 1, 28, 28), torch.randint(0, config["T"], (batch,)), torch.randint(0, 10, (batch,))
+    with FlopCounterMode(display=False) as counter:
+        model(x, t, y)
+    forward = counter.get_total_flops() // batch
+    with FlopCounterMode(display=False) as counter:
+        model(x, t, y).square().mean().backward()
+    return forward, counter.get_total_flops() // batch
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (GPU)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS so far)"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_training(config: dict[str, Any], speed: Speed, device: torch.device, steps: int, warmup: int) -> float:
+    """Training images per second over ``steps`` steps after ``warmup`` steps."""
+    torch.manual_seed(0)
+    n = config["batch_size"] * (steps + warmup)
+    images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8).to(device)
+    labels = torch.randint(0, 10, (n,)).to(device)
+    ddpm = build_ddpm(config).to(device)
+    ema = build_ddpm(config).eps_model.to(device).requires_grad_(False)
+    prepare_model(ddpm.eps_model, speed)
+    optimizer = make_optimizer(ddpm.eps_model, 1e-4, speed)
+    noise = torch.Generator(device=device).manual_seed(0)
+    pending = []
+    started = 0.0
+    for i, (x, y) in enumerate(batches(images, labels, config["batch_size"], torch.Generator(), speed, device)):
+        if i == warmup:
+            sync(device)
+            started = time.perf_counter()
+        pending.append(train_step(ddpm, ema, optimizer, x, y, noise, 0.995, speed))
+        if len(pending) == speed.log_every:
+            torch.stack(pending).tolist()
+            pending.clear()
+    torch.stack(pending).tolist() if pending else None
+    sync(device)
+    return steps * config["batch_size"] / (time.perf_counter() - started)
+
+
+def time_sampling(config: dict[str, Any], speed: Speed, device: torch.device, n: int, steps: int,
+                  guidance: float) -> float:
+    """Digits per second for ``n`` guided digits with ``steps`` DDIM steps."""
+    ddpm = build_ddpm(config).to(device).eval()
+    labels = torch.arange(n, device=device) % 10
+    with autocast(device, speed):
+        ddpm.sample(labels[:2], guidance, sampler="ddim", steps=2)  # warm-up
+        sync(device)
+        started = time.perf_counter()
+        ddpm.sample(labels, guidance, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=steps)
+        sync(device)
+    return n / (time.perf_counter() - started)
+
+
+def run(args: Any) -> list[dict[str, Any]]:
+    device = pick_device(args.device)
+    config = config_for(args.T, args.n_feat, args.batch_size)
+    forward, step = training_flops(config, 4)
+    print(f"device {device} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+          + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
+          + f"), torch {torch.__version__}; T={args.T} n_feat={args.n_feat} batch {args.batch_size}")
+    print(f"network: {forward / 1e9:.2f} GFLOP per image forward, {step / 1e9:.2f} GFLOP per image per training step")
+    rows = []
+    for name, speed in (("plain", PLAIN), ("fast", default_speed(device))):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        images_per_s = time_training(config, speed, device, args.train_steps, args.warmup)
+        digits_per_s = time_sampling(config, speed, device, args.sample_n, args.sample_steps, args.guidance)
+        rows.append({"path": name, "speed": speed, "images_per_s": images_per_s,
+                     "epoch_s": 60000 / images_per_s, "tflops": images_per_s * step / 1e12,
+                     "digits_per_s": digits_per_s,
+                     "digits_per_s_full": digits_per_s * args.sample_steps / args.T,
+                     "memory": peak_memory(device)})
+        print(f"{name}: {speed}", flush=True)
+    return rows
+
+
+def ablate(args: Any) -> None:
+    """Training speed of the fast path with one part of it turned off at a time."""
+    device = pick_device(args.device)
+    config = config_for(args.T, args.n_feat, args.batch_size)
+    fast = default_speed(device)
+    variants = [("fast path", fast)] + [
+        (f"without {name}", replace(fast, **{name: value}))
+        for name, value in (("amp", False), ("fused_optimizer", False), ("on_device_data", False), ("log_every", 1))
+        if getattr(fast, name) != value
+    ] + [("plain path", PLAIN)]
+    print("\n| training | images/s |\n|---|---|")
+    for name, speed in variants:
+        print(f"| {name} | {time_training(config, speed, device, args.train_steps, args.warmup):.1f} |", flush=True)
+
+
+def report(rows: list[dict[str, Any]], args: Any) -> None:
+    print(f"\n| path | train images/s | s per 60k-image epoch | train TFLOP/s | digits/s, {args.sample_steps} steps "
+          f"| digits/s, all {args.T} steps (est.) | peak memory |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['path']} | {r['images_per_s']:.1f} | {r['epoch_s']:.0f} | {r['tflops']:.3f} | "
+              f"{r['digits_per_s']:.1f} | {r['digits_per_s_full']:.2f} | {r['memory']} |")
+    plain, fast = rows
+    print(f"\nfast / plain: training {fast['images_per_s'] / plain['images_per_s']:.2f}x, "
+          f"sampling {fast['digits_per_s'] / plain['digits_per_s']:.2f}x")
+    print(f"(sampling: guidance {args.guidance}, conditional and unconditional passes in one batch of "
+          f"{2 * args.sample_n}; the all-steps figure is the {args.sample_steps}-step rate scaled by "
+          f"{args.sample_steps}/{args.T}, since every step costs one network call)")
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    p = ArgumentParser(prog="bench.py", description="Fast path against plain path: training and sampling speed.")
+    p.add_argument("--T", type=positive_int, default=500)
+    p.add_argument("--n-feat", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--train-steps", type=positive_int, default=20, help="timed training steps per path")
+    p.add_argument("--warmup", type=positive_int, default=2, help="untimed steps first")
+    p.add_argument("--sample-n", type=positive_int, default=1000, help="digits sampled per timing")
+    p.add_argument("--sample-steps", type=positive_int, default=20, help="DDIM steps in the sampling timing")
+    p.add_argument("--guidance", type=non_negative_float, default=2.0)
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    p.add_argument("--ablate", action="store_true", help="also time training with each fast-path part off")
+    args = p.parse_args(argv)
+    report(run(args), args)
+    if args.ablate:
+        ablate(args)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli("bench.py", _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The fast path: switches that change how fast training runs, never what it computes.
+
+Each switch is chosen by device (:func:`default_speed`) and can be turned off from the
+command line, so a slow "plain" run (fp32, a DataLoader, eager, one host sync per step) is
+always one flag away for debugging and for side-by-side benchmarks (``benchmarks/bench.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How to run training steps.
+
+    amp: bf16 autocast (CUDA, and CPUs with native bf16 matrix instructions).
+    channels_last: NHWC memory layout for the convolutions.
+    fused_optimizer: Adam's fused kernel instead of a Python loop over parameters.
+    on_device_data: the whole dataset on the device as one uint8 tensor, batched by index;
+        off: a ``torch.utils.data.DataLoader`` that collates and copies every batch.
+    log_every: read the loss back to the host every N steps (1 = after every step).
+    compile: ``torch.compile`` the network.
+    """
+
+    amp: bool = False
+    channels_last: bool = False
+    fused_optimizer: bool = False
+    on_device_data: bool = True
+    log_every: int = 1
+    compile: bool = False
+
+
+PLAIN = Speed(amp=False, channels_last=False, fused_optimizer=False, on_device_data=False, log_every=1,
+              compile=False)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 matrix work is native (and so fast) on ``device``."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def default_speed(device: torch.device) -> Speed:
+    """The fast path for ``device``; see the README's performance section for what each part buys."""
+    return Speed(
+        amp=bf16_supported(device),
+        channels_last=False,  # slower for this network on a CPU; not yet measured on a GPU
+        fused_optimizer=device.type in ("cuda", "cpu"),
+        on_device_data=True,
+        log_every=25,
+        compile=False,
+    )
+
+
+def with_switches_off(speed: Speed, off: list[str]) -> Speed:
+    """``speed`` with the named boolean switches turned off."""
+    return replace(speed, **{name: False for name in off})
+
+
+def autocast(device: torch.device, speed: Speed) -> contextlib.AbstractContextManager:
+    if not speed.amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def make_optimizer(model: nn.Module, lr: float, speed: Speed) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=speed.fused_optimizer or None)
+
+
+def prepare_model(model: nn.Module, speed: Speed) -> None:
+    """Apply the memory layout and compile in place (state-dict keys stay unchanged)."""
+    if speed.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if speed.compile:
+        model.compile()
+
+
+def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
+            speed: Speed, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of ``(uint8 (B, 28, 28), int64 (B,))`` on ``device`` in a seeded random order."""
+    order = torch.randperm(len(images), generator=generator)
+    if speed.on_device_data:
+        for start in range(0, len(images), batch_size):
+            index = order[start:start + batch_size].to(images.device)
+            yield images[index], labels[index]
+        return
+    dataset = torch.utils.data.TensorDataset(images.cpu(), labels.cpu())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order.tolist())
+    for x, y in loader:
+        yield x.to(device), y.to(device)

@@ -1,0 +1,52 @@
+"""The fast-path switches: batches, flags, and the benchmark script."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import speed
+import train
+from conftest import TINY_TRAIN, write_fake_mnist
+
+
+def test_device_data_and_dataloader_give_the_same_batches():
+    images = torch.randint(0, 256, (37, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(37)
+    fast = list(speed.batches(images, labels, 8, torch.Generator().manual_seed(3), speed.Speed(), torch.device("cpu")))
+    plain = list(speed.batches(images, labels, 8, torch.Generator().manual_seed(3), speed.PLAIN, torch.device("cpu")))
+    assert [len(y) for _, y in fast] == [8, 8, 8, 8, 5]
+    for (xa, ya), (xb, yb) in zip(fast, plain, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert sorted(torch.cat([y for _, y in fast]).tolist()) == list(range(37))
+
+
+def test_flags_turn_parts_off():
+    cpu = torch.device("cpu")
+    args = train.parse_args(["--no-amp", "--no-fused", "--log-every", "3"])
+    chosen = train.speed_from_args(args, cpu)
+    assert not chosen.amp and not chosen.fused_optimizer and chosen.log_every == 3 and chosen.on_device_data
+    assert train.speed_from_args(train.parse_args(["--plain"]), cpu) == speed.PLAIN
+    assert speed.default_speed(cpu).log_every > 1
+
+
+def test_plain_and_fast_runs_write_the_same_files(tmp_path):
+    data = write_fake_mnist(str(tmp_path / "data"))
+    for name, extra in (("plain", ["--plain"]), ("fast", ["--log-every", "3"])):
+        assert train.main(TINY_TRAIN + ["--data-root", data, "--out-dir", str(tmp_path / name)] + extra) == 0
+    ckpts = [torch.load(os.path.join(tmp_path, name, "checkpoints", "ddpm_8_8.pt"), weights_only=True)
+             for name in ("plain", "fast")]
+    assert len(ckpts[0]["losses"]) == len(ckpts[1]["losses"]) == 8  # every step's loss, read back in groups
+    assert sorted(os.listdir(tmp_path / "plain")) == sorted(os.listdir(tmp_path / "fast"))
+
+
+def test_bench_runs(capsys):
+    from benchmarks import bench
+
+    args = ["--T", "8", "--n-feat", "8", "--batch-size", "4", "--train-steps", "2", "--warmup", "1",
+            "--sample-n", "4", "--sample-steps", "2", "--device", "cpu", "--ablate"]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert "| plain |" in out and "| fast |" in out and "fast / plain: training" in out
+    assert "| fast path |" in out and "| plain path |" in out
