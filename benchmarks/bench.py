@@ -130,7 +130,7 @@ def ablate(args: Any) -> None:
         (f"without {name}", replace(fast, **{name: value}))
         for name, value in (("amp", False), ("fused_optimizer", False), ("on_device_data", False), ("log_every", 1))
         if getattr(fast, name) != value
-    ] + [("plain path", PLAIN)]
+    ] + [("plain path", PLAIN)] + ([("fast path + torch.compile", replace(fast, compile=True))] if args.compile else [])
     print("\n| training | images/s |\n|---|---|")
     for name, speed in variants:
         print(f"| {name} | {time_training(config, speed, device, args.train_steps, args.warmup):.1f} |", flush=True)
@@ -163,6 +163,7 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--guidance", type=non_negative_float, default=2.0)
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     p.add_argument("--ablate", action="store_true", help="also time training with each fast-path part off")
+    p.add_argument("--compile", action="store_true", help="with --ablate: also time the fast path compiled")
     args = p.parse_args(argv)
     report(run(args), args)
     if args.ablate:
