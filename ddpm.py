@@ -40,11 +40,14 @@ def extract(coefficients: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Ten
     return coefficients[t].reshape(t.shape[0], *([1] * (ndim - 1)))
 
 
-def _randn(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+def _draw_device(device: torch.device, generator: torch.Generator | None) -> torch.device:
     # Draw on the generator's own device, so a CPU generator gives the same
     # numbers whatever device the model runs on.
-    source = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=source).to(device)
+    return generator.device if generator is not None else device
+
+
+def _randn(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, device=_draw_device(device, generator)).to(device)
 
 
 class DDPM(nn.Module):
@@ -106,7 +109,7 @@ class DDPM(nn.Module):
         ``x0 (B, C, H, W)`` in ``[-1, 1]``, ``labels (B,)`` -> scalar MSE between true and predicted noise.
         """
         batch, device = x0.shape[0], x0.device
-        source = generator.device if generator is not None else device
+        source = _draw_device(device, generator)
         t = torch.randint(0, self.T, (batch,), generator=generator, device=source).to(device)
         noise = _randn(tuple(x0.shape), device, generator)
         drop = torch.rand(batch, generator=generator, device=source).to(device) < self.p_uncond
@@ -119,9 +122,9 @@ class DDPM(nn.Module):
         One network call: the conditional and unconditional halves share a batch.
         ``s = 1`` and ``s = 0`` need only one of them and skip the other.
         """
-        null = torch.full_like(labels, self.eps_model.null_label)
         if guidance == 1.0:
             return self.eps_model(x, t, labels)
+        null = torch.full_like(labels, self.eps_model.null_label)
         if guidance == 0.0:
             return self.eps_model(x, t, null)
         eps = self.eps_model(torch.cat((x, x)), torch.cat((t, t)), torch.cat((labels, null)))

@@ -83,8 +83,6 @@ def output_targets(args: argparse.Namespace) -> tuple[str, str | None]:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
-    if args.digit is not None and args.digit < 0:
-        raise UsageError(f"--digit must be a class index >= 0, got {args.digit}")
     path = newest_checkpoint(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
     device = pick_device(args.device)
     ddpm, ckpt = load_sampler(path, device)
