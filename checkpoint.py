@@ -21,9 +21,14 @@ VERSION = 1
 REQUIRED_CONFIG = ("in_channels", "n_feat", "n_classes", "T", "beta_start", "beta_end", "p_uncond")
 
 
-def checkpoint_path(out_dir: str, T: int, n_feat: int) -> str:
+def run_tag(T: int, n_feat: int, dataset: str = "mnist") -> str:
+    """``<T>_<n_feat>`` as in the ancestor's file names, prefixed by the dataset unless it is MNIST."""
+    return f"{T}_{n_feat}" if dataset == "mnist" else f"{dataset}_{T}_{n_feat}"
+
+
+def checkpoint_path(out_dir: str, T: int, n_feat: int, dataset: str = "mnist") -> str:
     """Where ``train.py`` keeps the checkpoint of one configuration."""
-    return os.path.join(out_dir, "checkpoints", f"ddpm_{T}_{n_feat}.pt")
+    return os.path.join(out_dir, "checkpoints", f"ddpm_{run_tag(T, n_feat, dataset)}.pt")
 
 
 def build_ddpm(config: dict[str, Any]) -> DDPM:

@@ -1,11 +1,12 @@
 """An independent MNIST classifier, used to check that generated digits are the ones asked for.
 
     python classifier.py --data-root DATA    # train (or reuse the cache), print its test accuracy
+    python classifier.py --data-root DATA --dataset fashion-mnist    # one per dataset, cached apart
 
 ``evaluate.py`` uses it to score generated digits.
 
 The classifier is trained on the training split of --data-root and checked on its test
-split; it is cached in --cache (default checkpoints/classifier/classifier_mnist.pt) together with a
+split; it is cached in --cache (default checkpoints/classifier/classifier_<dataset>.pt) together with a
 fingerprint of the training files, and retrained when those change.
 """
 
@@ -106,21 +107,27 @@ def _read_cache(cache: str) -> dict[str, Any] | None:
     return saved if isinstance(saved, dict) else None
 
 
-def load_or_train(root: str, cache: str, epochs: int = 12) -> tuple[Classifier, dict[str, Any]]:
-    """The cached classifier for ``root``'s data, or a newly trained (and cached) one."""
-    stamp = fingerprint(root)
+def default_cache(dataset: str = "mnist") -> str:
+    return os.path.join("checkpoints", "classifier", f"classifier_{dataset}.pt")
+
+
+def load_or_train(root: str, cache: str, epochs: int = 12, dataset: str = "mnist") -> tuple[Classifier, dict[str, Any]]:
+    """The cached classifier for ``root``'s ``dataset``, or a newly trained (and cached) one."""
+    stamp = fingerprint(root, dataset)
     saved = _read_cache(cache)
     if saved is not None:
-        if saved.get("fingerprint") == stamp and saved.get("epochs") == epochs:
+        found = (saved.get("dataset", "mnist"), saved.get("fingerprint"), saved.get("epochs"))
+        if found == (dataset, stamp, epochs):
             model = Classifier()
             model.load_state_dict(saved["model"])
             return model.eval(), saved
-    images, labels = load_dataset(root, train=True, download=False)
-    test_images, test_labels = load_dataset(root, train=False, download=False)
+    images, labels = load_dataset(root, train=True, download=False, name=dataset)
+    test_images, test_labels = load_dataset(root, train=False, download=False, name=dataset)
     started = time.perf_counter()
     model = train_classifier(images, labels, epochs)
     accuracy = (predict(model, test_images) == test_labels).float().mean().item()
     saved = {"model": model.state_dict(), "fingerprint": stamp, "epochs": epochs, "test_accuracy": accuracy,
+             "dataset": dataset,
              "train_size": len(images), "test_size": len(test_images),
              "train_seconds": time.perf_counter() - started}
     ensure_writable_dir(os.path.dirname(os.path.abspath(cache)), "cache folder")
@@ -130,12 +137,15 @@ def load_or_train(root: str, cache: str, epochs: int = 12) -> tuple[Classifier, 
 
 def _main(argv: Sequence[str] | None) -> int:
     p = ArgumentParser(prog="classifier.py", description="Train (or load the cached) MNIST classifier.")
-    p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw (default ./data)")
-    p.add_argument("--cache", default=os.path.join("checkpoints", "classifier", "classifier_mnist.pt"))
+    p.add_argument("--data-root", default="./data",
+                   help="folder holding MNIST/raw or FashionMNIST/raw (default ./data)")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist", help="default mnist")
+    p.add_argument("--cache", help="where the trained classifier is kept (default checkpoints/classifier/"
+                                   "classifier_<dataset>.pt)")
     p.add_argument("--epochs", type=positive_int, default=12, help="training epochs (default 12)")
     args = p.parse_args(argv)
-    model, info = load_or_train(args.data_root, args.cache, args.epochs)
-    print(f"classifier: test accuracy {info['test_accuracy']:.4f} on {info['test_size']} test digits "
+    model, info = load_or_train(args.data_root, args.cache or default_cache(args.dataset), args.epochs, args.dataset)
+    print(f"classifier ({args.dataset}): test accuracy {info['test_accuracy']:.4f} on {info['test_size']} test images "
           f"(trained on {info['train_size']}, {info['train_seconds']:.0f}s)")
     return 0
 

@@ -103,28 +103,60 @@ class DDPM(nn.Module):
             + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise
         )
 
-    def loss(self, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def draw_training_noise(
+        self, batch: int, shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The random part of Algorithm 1 for ``batch`` images of ``shape (C, H, W)``.
+
+        Returns ``t (B,)`` uniform in ``[0, T-1]``, ``noise (B, C, H, W)`` and ``drop (B,)``, true where the
+        label is replaced by the "no label" token (probability ``p_uncond``).
+        """
+        source = _draw_device(device, generator)
+        t = torch.randint(0, self.T, (batch,), generator=generator, device=source).to(device)
+        noise = _randn((batch, *shape), device, generator)
+        drop = torch.rand(batch, generator=generator, device=source).to(device) < self.p_uncond
+        return t, noise, drop
+
+    def loss(
+        self,
+        x0: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator | None = None,
+        draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Simplified training objective (Algorithm 1, eq. 14) with label dropout.
 
         ``x0 (B, C, H, W)`` in ``[-1, 1]``, ``labels (B,)`` -> scalar MSE between true and predicted noise.
+        ``draws`` (from :meth:`draw_training_noise`) are drawn here from ``generator`` when not given.
         """
-        batch, device = x0.shape[0], x0.device
-        source = _draw_device(device, generator)
-        t = torch.randint(0, self.T, (batch,), generator=generator, device=source).to(device)
-        noise = _randn(tuple(x0.shape), device, generator)
-        drop = torch.rand(batch, generator=generator, device=source).to(device) < self.p_uncond
+        if draws is None:
+            draws = self.draw_training_noise(x0.shape[0], tuple(x0.shape[1:]), x0.device, generator)
+        t, noise, drop = draws
         labels = torch.where(drop, torch.full_like(labels, self.eps_model.null_label), labels)
         return F.mse_loss(self.eps_model(self.q_sample(x0, t, noise), t, labels), noise)
+
+    def forward(self, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None,
+                draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The training loss (:meth:`loss`), so that DDP can wrap the whole DDPM."""
+        return self.loss(x0, labels, generator, draws)
+
+    def null_labels_like(self, labels: torch.Tensor) -> torch.Tensor:
+        """The "no label" token in the form of ``labels``: indices ``(B,)`` or class weights ``(B, K + 1)``."""
+        null = self.eps_model.null_label
+        if labels.is_floating_point():
+            return F.one_hot(torch.full(labels.shape[:1], null, device=labels.device), labels.shape[1]).to(labels)
+        return torch.full_like(labels, null)
 
     def guided_eps(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: float) -> torch.Tensor:
         """Classifier-free guided noise estimate ``eps_u + s (eps_c - eps_u)`` with ``s = guidance``.
 
+        ``labels`` are class indices ``(B,)`` or class weights ``(B, K + 1)`` (see ``unet.ContextUnet``).
         One network call: the conditional and unconditional halves share a batch.
         ``s = 1`` and ``s = 0`` need only one of them and skip the other.
         """
         if guidance == 1.0:
             return self.eps_model(x, t, labels)
-        null = torch.full_like(labels, self.eps_model.null_label)
+        null = self.null_labels_like(labels)
         if guidance == 0.0:
             return self.eps_model(x, t, null)
         eps = self.eps_model(torch.cat((x, x)), torch.cat((t, t)), torch.cat((labels, null)))
@@ -137,15 +169,18 @@ class DDPM(nn.Module):
         t: int,
         labels: torch.Tensor,
         guidance: float,
-        generator: torch.Generator | None = None,
+        z: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One reverse step ``x_t -> x_{t-1}`` (Algorithm 2, line 4); no noise is added at ``t = 0``."""
+        """One reverse step ``x_t -> x_{t-1}`` (Algorithm 2, line 4) with fresh noise ``z ~ N(0, I)``.
+
+        No noise is added at ``t = 0`` (nor when ``z`` is ``None``).
+        """
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         eps = self.guided_eps(x, t_batch, labels, guidance)
         mean = self.sqrt_recip_alphas[t] * (x - self.eps_coef[t] * eps)
-        if t == 0:
+        if t == 0 or z is None:
             return mean
-        return mean + self.posterior_variance[t].sqrt() * _randn(tuple(x.shape), x.device, generator)
+        return mean + self.posterior_variance[t].sqrt() * z
 
     def ddim_timesteps(self, steps: int) -> list[int]:
         """``steps`` distinct timesteps from ``T-1`` down to ``0`` (``1 <= steps <= T``).
@@ -174,13 +209,13 @@ class DDPM(nn.Module):
         labels: torch.Tensor,
         guidance: float,
         eta: float = 0.0,
-        generator: torch.Generator | None = None,
+        z: torch.Tensor | None = None,
         clip_x0: bool = True,
     ) -> torch.Tensor:
         """One DDIM step ``x_t -> x_{t_prev}`` (Song et al. 2020, eq. 12); ``t_prev = -1`` means "to x_0".
 
         ``eta = 0`` is deterministic; ``eta = 1`` with every timestep and ``clip_x0=False`` is
-        exactly the ancestral step of Algorithm 2.
+        exactly the ancestral step of Algorithm 2. ``z ~ N(0, I)`` is the noise for ``eta > 0``.
         """
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         eps = self.guided_eps(x, t_batch, labels, guidance)
@@ -195,9 +230,9 @@ class DDPM(nn.Module):
             eps = (x - a_t.sqrt() * x0_pred) / (1 - a_t).sqrt()
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         x_prev = a_prev.sqrt() * x0_pred + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
-        if eta == 0 or t_prev < 0:
+        if eta == 0 or t_prev < 0 or z is None:
             return x_prev
-        return x_prev + sigma * _randn(tuple(x.shape), x.device, generator)
+        return x_prev + sigma * z
 
     @torch.inference_mode()
     def sample(
@@ -211,6 +246,7 @@ class DDPM(nn.Module):
         steps: int | None = None,
         eta: float = 0.0,
         clip_x0: bool = True,
+        shared_noise: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Generate images for any labels ``(B,)``.
 
@@ -219,20 +255,28 @@ class DDPM(nn.Module):
         ``eta``, clipping the predicted ``x_0`` to ``[-1, 1]`` unless ``clip_x0`` is false.
         Returns ``x_0`` of shape ``(B, C, 28, 28)`` in roughly ``[-1, 1]`` (not clipped); with
         ``return_trajectory`` also every state from ``x_T`` to ``x_0`` as ``(S + 1, B, C, 28, 28)`` on the CPU.
-        ``progress`` may wrap the step iterator (e.g. ``tqdm``).
+        ``progress`` may wrap the step iterator (e.g. ``tqdm``). ``shared_noise`` gives every image the
+        same starting noise and the same noise at every step, so that the images differ only by label.
         """
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
         timesteps = list(range(self.T - 1, -1, -1)) if sampler == "ddpm" else self.ddim_timesteps(steps or 50)
         shape = (labels.shape[0], self.eps_model.in_channels, 28, 28)
-        x = _randn(shape, labels.device, generator)
+
+        def noise() -> torch.Tensor:  # z ~ N(0, I), drawn only for steps that add noise
+            if shared_noise:
+                return _randn((1, *shape[1:]), labels.device, generator).expand(shape)
+            return _randn(shape, labels.device, generator)
+
+        x = noise()
         trajectory = [x.cpu()] if return_trajectory else None
         pairs: Iterable[tuple[int, int]] = list(zip(timesteps, timesteps[1:] + [-1]))
         for t, t_prev in progress(pairs) if progress else pairs:
             if sampler == "ddpm":
-                x = self.p_step(x, t, labels, guidance, generator)
+                x = self.p_step(x, t, labels, guidance, noise() if t > 0 else None)
             else:
-                x = self.ddim_step(x, t, t_prev, labels, guidance, eta, generator, clip_x0)
+                z = noise() if eta > 0 and t_prev >= 0 else None
+                x = self.ddim_step(x, t, t_prev, labels, guidance, eta, z, clip_x0)
             if trajectory is not None:
                 trajectory.append(x.cpu())
         if trajectory is not None:

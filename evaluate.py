@@ -33,6 +33,7 @@ from checkpoint import load_sampler, newest_checkpoint
 from cli import ArgumentParser, UsageError, add_generation_args, describe_sampler, non_negative_float, pick_device
 from cli import positive_int, resolve_sampler, run_cli
 from data import load_dataset, to_uint8
+from ddpm import DDPM
 from sample import generate, requested_labels
 
 
@@ -81,10 +82,11 @@ def features_of(model: clf.Classifier, images: torch.Tensor) -> tuple[torch.Tens
 class Reference:
     """Real-data statistics: the test split, and a balanced draw of real training digits as the floor."""
 
-    def __init__(self, model: clf.Classifier, data_root: str, n_per_class: int, seed: int) -> None:
-        test_images, _ = load_dataset(data_root, train=False, download=False)
+    def __init__(self, model: clf.Classifier, data_root: str, n_per_class: int, seed: int,
+                 dataset: str = "mnist") -> None:
+        test_images, _ = load_dataset(data_root, train=False, download=False, name=dataset)
         self.test_stats = gaussian_stats(features_of(model, test_images)[0])
-        images, labels = load_dataset(data_root, train=True, download=False)
+        images, labels = load_dataset(data_root, train=True, download=False, name=dataset)
         generator = torch.Generator().manual_seed(seed)
         picks = []
         for k in range(10):
@@ -93,7 +95,8 @@ class Reference:
         pick = torch.cat(picks)
         features, _ = features_of(model, images[pick])
         self.real_spread = within_class_spread(features, labels[pick])
-        self.floor = {"name": "real training digits", "n": len(pick), "accuracy": float("nan"),
+        self.floor = {"name": f"real training {'digits' if dataset == 'mnist' else 'images'}",
+                      "n": len(pick), "accuracy": float("nan"),
                       "fid": frechet_distance(*gaussian_stats(features), *self.test_stats), "diversity": 1.0}
 
     def score(self, model: clf.Classifier, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
@@ -141,25 +144,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sampler", choices=("ddpm", "ddim"), nargs="+", help="samplers (default: ddim)")
     p.add_argument("--steps", type=positive_int, nargs="+", help="DDIM step counts (default 50)")
     add_generation_args(p)
-    p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw, train and test (default ./data)")
-    p.add_argument("--classifier-cache", default=os.path.join("checkpoints", "classifier", "classifier_mnist.pt"))
+    p.add_argument("--data-root", default="./data",
+                   help="folder holding MNIST/raw (or FashionMNIST/raw), train and test (default ./data)")
+    p.add_argument("--classifier-cache",
+                   help="the classifier for the checkpoint's dataset "
+                        "(default checkpoints/classifier/classifier_<dataset>.pt)")
     p.add_argument("--classifier-epochs", type=positive_int, default=12, help="epochs if it must be trained")
     return p.parse_args(argv)
 
 
-def _score_npz(path: str, model: clf.Classifier, ref: Reference) -> dict[str, Any]:
+def read_npz(path: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Images ``uint8 (N, 28, 28)``, labels ``(N,)`` and dataset name from a ``sample.py --npz`` file."""
     try:
         with np.load(path) as data:
             images, labels = torch.from_numpy(data["images"]), torch.from_numpy(data["labels"]).long()
+            dataset = str(data["dataset"]) if "dataset" in data.files else "mnist"
     except (OSError, ValueError, KeyError) as err:
         raise UsageError(f"cannot read {path!r} as a sample.py --npz file ({err})") from None
-    return {"name": os.path.basename(path), **ref.score(model, images, labels)}
+    return images, labels, dataset
 
 
-def _score_checkpoint(args: argparse.Namespace, model: clf.Classifier, ref: Reference) -> list[dict[str, Any]]:
-    path = newest_checkpoint(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
-    device = pick_device(args.device)
-    ddpm, ckpt = load_sampler(path, device)
+def _score_checkpoint(args: argparse.Namespace, model: clf.Classifier, ref: Reference, ddpm: DDPM,
+                      ckpt: dict[str, Any], path: str, device: torch.device) -> list[dict[str, Any]]:
     settings = sampler_settings(args.sampler, args.steps, ddpm.T)
     labels = requested_labels(None, args.n, ckpt["config"]["n_classes"])
     print(f"checkpoint {path} (epoch {ckpt['epoch']}, T={ddpm.T}, n_feat={ckpt['config']['n_feat']})", file=sys.stderr)
@@ -178,12 +184,24 @@ def _score_checkpoint(args: argparse.Namespace, model: clf.Classifier, ref: Refe
 
 def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
-    model, info = clf.load_or_train(args.data_root, args.classifier_cache, args.classifier_epochs)
-    ref = Reference(model, args.data_root, args.n, args.seed)
-    rows = [_score_npz(args.npz, model, ref)] if args.npz else _score_checkpoint(args, model, ref)
-    print(f"classifier: {100 * info['test_accuracy']:.2f}% on {info['test_size']} test digits "
+    if args.npz:
+        images, labels, dataset = read_npz(args.npz)
+    else:
+        path = newest_checkpoint(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
+        device = pick_device(args.device)
+        ddpm, ckpt = load_sampler(path, device)
+        sampler_settings(args.sampler, args.steps, ddpm.T)  # bad flags fail before any classifier training
+        dataset = ckpt["config"].get("dataset", "mnist")
+    cache = args.classifier_cache or clf.default_cache(dataset)
+    model, info = clf.load_or_train(args.data_root, cache, args.classifier_epochs, dataset)
+    ref = Reference(model, args.data_root, args.n, args.seed, dataset)
+    if args.npz:
+        rows = [{"name": os.path.basename(args.npz), **ref.score(model, images, labels)}]
+    else:
+        rows = _score_checkpoint(args, model, ref, ddpm, ckpt, path, device)
+    print(f"{dataset} classifier: {100 * info['test_accuracy']:.2f}% on {info['test_size']} test images "
           f"(trained on {info['train_size']}); FID and diversity in its 128-d feature space, "
-          f"against the {info['test_size']} test digits")
+          f"against the {info['test_size']} test images")
     print(format_table(rows + [ref.floor]))
     for row in rows:
         print(f"per digit, {row['name']}, guidance {row.get('guidance', '-')}: "

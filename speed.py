@@ -14,6 +14,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from distributed import SINGLE, Shard
+
 
 @dataclass(frozen=True)
 class Speed:
@@ -88,15 +90,19 @@ def prepare_model(model: nn.Module, speed: Speed) -> None:
 
 
 def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
-            speed: Speed, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of ``(uint8 (B, 28, 28), int64 (B,))`` on ``device`` in a seeded random order."""
+            speed: Speed, device: torch.device, shard: Shard = SINGLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of ``(uint8 (B, 28, 28), int64 (B,))`` on ``device`` in a seeded random order.
+
+    ``batch_size`` is the global batch; with several processes each gets its ``shard`` of it.
+    """
     order = torch.randperm(len(images), generator=generator)
+    indices = [shard.part(order[start:start + batch_size]) for start in range(0, len(images), batch_size)]
     if speed.on_device_data:
-        for start in range(0, len(images), batch_size):
-            index = order[start:start + batch_size].to(images.device)
+        for index in indices:
+            index = index.to(images.device)
             yield images[index], labels[index]
         return
     dataset = torch.utils.data.TensorDataset(images.cpu(), labels.cpu())
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order.tolist())
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[index.tolist() for index in indices])
     for x, y in loader:
         yield x.to(device), y.to(device)

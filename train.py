@@ -1,8 +1,9 @@
-"""Train the class-conditional DDPM on MNIST.
+"""Train the class-conditional DDPM on MNIST (or Fashion-MNIST).
 
     python train.py                                   # the ancestor's run: T=500, n_feat=128, 20 epochs
     python train.py --preset cpu --data-root ../data  # small configuration for a laptop CPU
     python train.py --resume                          # continue an interrupted run
+    python train.py --dataset fashion-mnist           # Fashion-MNIST; file names gain a "fashion-mnist_" prefix
 
 After every epoch, under --out-dir:
     DDMP_generated_samples_<T>_<n_feat>/samples_epoch<e>_<T>_<n_feat>.png   grid, digits 0..9 in columns
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 from dataclasses import replace
 import sys
@@ -28,13 +30,15 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from checkpoint import build_ddpm, checkpoint_path, load_checkpoint, save_checkpoint  # noqa: E402
+import distributed  # noqa: E402
+from checkpoint import build_ddpm, checkpoint_path, load_checkpoint, run_tag, save_checkpoint  # noqa: E402
 from cli import (  # noqa: E402
     DEFAULT_ETA, ArgumentParser, UsageError, atomic_write, ensure_writable_dir, non_negative_float, non_negative_int,
     pick_device, positive_float, positive_int, run_cli,
 )
-from data import load_dataset, save_grid, to_model_range  # noqa: E402
+from data import CLASS_NAMES, DATASETS, load_dataset, save_grid, to_model_range  # noqa: E402
 from ddpm import DDPM  # noqa: E402
+from distributed import SINGLE, Shard, sum_over_ranks  # noqa: E402
 from speed import (  # noqa: E402
     PLAIN, Speed, autocast, batches, default_speed, make_optimizer, prepare_model, with_switches_off,
 )
@@ -59,6 +63,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="train.py", description="Train a class-conditional DDPM on MNIST.")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="starting values for every setting below (default: the ancestor's run)")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist",
+                   help="what to learn to draw (default mnist); read from <data-root>/MNIST or FashionMNIST")
     p.add_argument("--T", type=positive_int, help="diffusion steps (default 500)")
     p.add_argument("--n-feat", type=positive_int, help="UNet width, a multiple of 8 (default 128)")
     p.add_argument("--epochs", type=positive_int, help="epochs (default 20)")
@@ -73,8 +79,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--grid-steps", type=non_negative_int,
                    help="DDIM steps for the per-epoch grids; 0 = the full ancestral sampler (default 50)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw (default ./data)")
-    p.add_argument("--no-download", action="store_true", help="never download MNIST; fail if it is missing")
+    p.add_argument("--data-root", default="./data",
+                   help="folder holding MNIST/raw or FashionMNIST/raw (default ./data)")
+    p.add_argument("--no-download", action="store_true", help="never download the data; fail if it is missing")
     p.add_argument("--out-dir", default=".", help="where grids, the loss plot and checkpoints go (default .)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     p.add_argument("--resume", action="store_true", help="continue this configuration's run from its checkpoint")
@@ -109,7 +116,7 @@ def speed_from_args(args: argparse.Namespace, device: torch.device) -> Speed:
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """Preset values overridden by explicit flags, checked for consistency."""
     config = {**PRESETS[args.preset], **explicit_settings(args), "in_channels": 1, "n_classes": 10,
-              "dataset": "mnist", "preset": args.preset}
+              "dataset": args.dataset, "preset": args.preset}
     if config["n_feat"] % 8:
         raise UsageError(f"--n-feat must be a multiple of 8 (GroupNorm uses 8 groups), got {config['n_feat']}")
     if not config["beta_start"] <= config["beta_end"] < 1:
@@ -126,12 +133,12 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def output_paths(out_dir: str, config: dict[str, Any]) -> dict[str, str]:
-    tag = f"{config['T']}_{config['n_feat']}"
+    tag = run_tag(config["T"], config["n_feat"], config["dataset"])
     return {
         "grids": os.path.join(out_dir, f"DDMP_generated_samples_{tag}"),
         "grid": os.path.join(out_dir, f"DDMP_generated_samples_{tag}", "samples_epoch{epoch}_" + tag + ".png"),
         "loss_plot": os.path.join(out_dir, f"loss_plot_{tag}.png"),
-        "checkpoint": checkpoint_path(out_dir, config["T"], config["n_feat"]),
+        "checkpoint": checkpoint_path(out_dir, config["T"], config["n_feat"], config["dataset"]),
     }
 
 
@@ -149,48 +156,60 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 def train_step(ddpm: DDPM, ema: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-               labels: torch.Tensor, generator: torch.Generator, ema_decay: float, speed: Speed) -> torch.Tensor:
-    """One optimisation step on ``uint8 (B, 28, 28)`` images; returns the loss without reading it back."""
+               labels: torch.Tensor, generator: torch.Generator, ema_decay: float, speed: Speed,
+               shard: Shard = SINGLE, trainer: nn.Module | None = None,
+               global_batch: int | None = None) -> torch.Tensor:
+    """One optimisation step on ``uint8 (B, 28, 28)`` images; returns the loss without reading it back.
+
+    With several processes, ``images`` is this rank's slice of a global batch of ``global_batch`` and
+    ``trainer`` the DDP-wrapped ``ddpm``; the returned value is this rank's share of the global mean loss.
+    """
     x = to_model_range(images)
     if speed.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    batch = global_batch or len(images)
+    # drawn for the whole global batch on every rank, so that N processes train as one would
+    draws = tuple(shard.part(d) for d in ddpm.draw_training_noise(batch, tuple(x.shape[1:]), x.device, generator))
     with autocast(images.device, speed):
-        loss = ddpm.loss(x, labels, generator=generator)
+        loss = (trainer or ddpm)(x, labels, draws=draws)
+    share = len(images) / batch
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * (share * shard.world)).backward()  # DDP averages over ranks; this weights each by its share
     optimizer.step()
     update_ema(ema, ddpm.eps_model, ema_decay)
-    return loss.detach()
+    return (loss * share).detach()
 
 
 def train_epoch(ddpm: DDPM, ema: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                labels: torch.Tensor, config: dict[str, Any], epoch: int, step: int, speed: Speed) -> list[float]:
+                labels: torch.Tensor, config: dict[str, Any], epoch: int, step: int, speed: Speed,
+                shard: Shard = SINGLE, trainer: nn.Module | None = None) -> list[float]:
     """One pass over ``images (N, 28, 28) uint8`` in a seeded random order; returns the per-step losses."""
-    device = images.device
+    device, size = images.device, config["batch_size"]
     order_gen = torch.Generator().manual_seed(config["seed"] * 7919 + epoch)
     noise_gen = torch.Generator(device=device).manual_seed(config["seed"] * 7919 + epoch + 1)
     for group in optimizer.param_groups:
         group["lr"] = config["lr"] * (1 - epoch / config["epochs"])
     losses: list[float] = []
     pending: list[torch.Tensor] = []  # losses not yet read back: reading one waits for the device
-    bar = tqdm(total=-(-len(images) // config["batch_size"]), desc=f"epoch {epoch + 1}/{config['epochs']}",
-               dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=-(-len(images) // size), desc=f"epoch {epoch + 1}/{config['epochs']}",
+               dynamic_ncols=True, file=sys.stderr, disable=not shard.is_main)
     ddpm.train()
-    for x, y in batches(images, labels, config["batch_size"], order_gen, speed, device):
-        decay = ema_decay_at(step + len(losses) + len(pending), config["ema_decay"])
-        pending.append(train_step(ddpm, ema, optimizer, x, y, noise_gen, decay, speed))
+    for i, (x, y) in enumerate(batches(images, labels, size, order_gen, speed, device, shard)):
+        decay = ema_decay_at(step + i, config["ema_decay"])
+        global_batch = min(size, len(images) - i * size)
+        pending.append(train_step(ddpm, ema, optimizer, x, y, noise_gen, decay, speed, shard, trainer, global_batch))
         if len(pending) == speed.log_every:
-            losses += torch.stack(pending).float().tolist()
+            losses += sum_over_ranks(torch.stack(pending).float(), shard).tolist()
             bar.update(len(pending))
             pending.clear()
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-    losses += torch.stack(pending).float().tolist() if pending else []
+    losses += sum_over_ranks(torch.stack(pending).float(), shard).tolist() if pending else []
     bar.update(len(pending))
     bar.close()
     return losses
 
 
-def sample_grid(ddpm: DDPM, ema: nn.Module, config: dict[str, Any], path: str, device: torch.device) -> None:
+def sample_grid(ema: nn.Module, config: dict[str, Any], path: str, device: torch.device) -> None:
     """Draw ``grid_rows`` rows of digits 0..9 with the EMA weights, the same noise every epoch.
 
     DDIM with ``grid_steps`` steps by default: the grid is a progress picture, and a full
@@ -201,7 +220,8 @@ def sample_grid(ddpm: DDPM, ema: nn.Module, config: dict[str, Any], path: str, d
     ema.eval()
     how = dict(sampler="ddim", steps=config["grid_steps"], eta=DEFAULT_ETA) if config["grid_steps"] else {}
     x = sampler.sample(labels, config["guidance"], generator=torch.Generator().manual_seed(config["seed"]), **how)
-    save_grid(x, path, ncol=config["n_classes"])
+    header = None if config["dataset"] == "mnist" else CLASS_NAMES[config["dataset"]]
+    save_grid(x, path, ncol=config["n_classes"], header=header)
 
 
 def plot_losses(losses: list[float], steps_per_epoch: int, path: str, title: str) -> None:
@@ -242,19 +262,23 @@ def _main(argv: Sequence[str] | None) -> int:
     ckpt = start_state(args, config, paths)
     if ckpt is not None:
         config = ckpt["config"]
-    device = pick_device(args.device)
-    if device.type == "cpu" and config["n_feat"] >= 128:
-        print("note: this configuration takes hours on a CPU; '--preset cpu' is sized for one", file=sys.stderr)
-    images, labels = load_dataset(args.data_root, train=True, download=not args.no_download)
-    for folder in (args.out_dir, paths["grids"], os.path.dirname(paths["checkpoint"])):
-        ensure_writable_dir(folder, "output folder")
-    train(config, ckpt, images.to(device), labels.to(device), paths, device, speed_from_args(args, device))
+    shard, device = distributed.start(pick_device(args.device))
+    try:
+        if device.type == "cpu" and config["n_feat"] >= 128 and shard.is_main:
+            print("note: this configuration takes hours on a CPU; '--preset cpu' is sized for one", file=sys.stderr)
+        images, labels = load_dataset(args.data_root, train=True, download=not args.no_download and shard.is_main,
+                                      name=config["dataset"])
+        for folder in (args.out_dir, paths["grids"], os.path.dirname(paths["checkpoint"])):
+            ensure_writable_dir(folder, "output folder")
+        train(config, ckpt, images.to(device), labels.to(device), paths, device, speed_from_args(args, device), shard)
+    finally:
+        distributed.stop()
     return 0
 
 
 def train(config: dict[str, Any], ckpt: dict[str, Any] | None, images: torch.Tensor, labels: torch.Tensor,
-          paths: dict[str, str], device: torch.device, speed: Speed = PLAIN) -> None:
-    """Run (or continue) training to ``config['epochs']``, writing every per-epoch file."""
+          paths: dict[str, str], device: torch.device, speed: Speed = PLAIN, shard: Shard = SINGLE) -> None:
+    """Run (or continue) training to ``config['epochs']``; rank 0 writes every per-epoch file."""
     torch.manual_seed(config["seed"])
     ddpm = build_ddpm(config).to(device)
     ema = copy.deepcopy(ddpm.eps_model).requires_grad_(False)
@@ -266,24 +290,35 @@ def train(config: dict[str, Any], ckpt: dict[str, Any] | None, images: torch.Ten
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         history = {key: ckpt[key] for key in history}
+    trainer = distributed.wrap(ddpm, shard, device)
     steps_per_epoch = -(-len(images) // config["batch_size"])
-    print(f"training on {len(images)} images, {device}, T={config['T']} n_feat={config['n_feat']} "
-          f"batch {config['batch_size']}, epochs {history['epoch'] + 1}..{config['epochs']}; {speed}", file=sys.stderr)
+    log = functools.partial(print, file=sys.stderr) if shard.is_main else lambda *a, **k: None
+    per_rank = f" = {shard.world} processes x ~{config['batch_size'] // shard.world}" if shard.world > 1 else ""
+    log(f"training on {len(images)} images, {device}, T={config['T']} n_feat={config['n_feat']} "
+        f"batch {config['batch_size']}{per_rank}, epochs {history['epoch'] + 1}..{config['epochs']}; {speed}")
     for epoch in range(history["epoch"], config["epochs"]):
         started = time.perf_counter()
         history["losses"] += train_epoch(ddpm, ema, optimizer, images, labels, config, epoch,
-                                         len(history["losses"]), speed)
-        sample_grid(ddpm, ema, config, paths["grid"].format(epoch=epoch + 1), device)
-        plot_losses(history["losses"], steps_per_epoch, paths["loss_plot"],
-                    f"DDPM T={config['T']}, n_feat={config['n_feat']}")
+                                         len(history["losses"]), speed, shard, trainer)
+        if shard.is_main:
+            draw_progress(ema, config, history["losses"], epoch + 1, paths, device, steps_per_epoch)
         history["epoch"] = epoch + 1
         history["train_seconds"] += time.perf_counter() - started
-        save_checkpoint(paths["checkpoint"], config=config, model=ddpm.eps_model.state_dict(),
-                        ema=ema.state_dict(), optimizer=optimizer.state_dict(), **history)
+        if shard.is_main:
+            save_checkpoint(paths["checkpoint"], config=config, model=ddpm.eps_model.state_dict(),
+                            ema=ema.state_dict(), optimizer=optimizer.state_dict(), **history)
         mean = sum(history["losses"][-steps_per_epoch:]) / steps_per_epoch
-        print(f"epoch {epoch + 1}/{config['epochs']}: loss {mean:.4f}, "
-              f"{time.perf_counter() - started:.1f}s, total {history['train_seconds']:.1f}s", file=sys.stderr)
-    print(f"done: {paths['checkpoint']}", file=sys.stderr)
+        log(f"epoch {epoch + 1}/{config['epochs']}: loss {mean:.4f}, "
+            f"{time.perf_counter() - started:.1f}s, total {history['train_seconds']:.1f}s")
+    log(f"done: {paths['checkpoint']}")
+
+
+def draw_progress(ema: nn.Module, config: dict[str, Any], losses: list[float], epoch: int,
+                  paths: dict[str, str], device: torch.device, steps_per_epoch: int) -> None:
+    """The sample grid of ``epoch`` and the loss plot so far."""
+    sample_grid(ema, config, paths["grid"].format(epoch=epoch), device)
+    plot_losses(losses, steps_per_epoch, paths["loss_plot"], f"DDPM T={config['T']}, n_feat={config['n_feat']}"
+                + ("" if config["dataset"] == "mnist" else f", {config['dataset']}"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -132,18 +132,21 @@ class ContextUnet(nn.Module):
         )
 
     def embed_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """Label indices ``(B,)`` -> context vectors ``(B, n_feat)``."""
-        return self.label_embedding(labels)
+        """Labels -> context vectors ``(B, n_feat)``.
+
+        ``labels`` is either class indices ``(B,)`` (``n_classes`` = "no label") or class weights
+        ``(B, n_classes + 1)`` float, which blend the class embeddings: ``sum_k w_k * embedding_k``.
+        A one-hot row gives exactly the embedding of its class.
+        """
+        if not labels.is_floating_point():
+            return self.label_embedding(labels)
+        # elementwise, not a matmul, so that autocast keeps the blend in full precision
+        return (labels.float()[:, :, None] * self.label_embedding.weight[None]).sum(1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Predict the noise: ``x (B, C, 28, 28)``, ``t (B,)``, ``labels (B,)`` -> ``(B, C, 28, 28)``."""
-        return self.forward_context(x, t, self.embed_labels(labels))
-
-    def forward_context(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """As :meth:`forward`, with the label already embedded as ``context (B, n_feat)``.
-
-        Lets callers blend class embeddings (e.g. to interpolate between digits).
-        """
+        """Predict the noise: ``x (B, C, 28, 28)``, ``t (B,)`` integer in ``[0, T-1]``, ``labels`` as in
+        :meth:`embed_labels` -> ``(B, C, 28, 28)``."""
+        context = self.embed_labels(labels)
         h0 = self.init_conv(x)
         d1 = self.down1(h0)
         d2 = self.down2(d1)

@@ -1,0 +1,84 @@
+"""Several processes, one model: DistributedDataParallel under ``torchrun``.
+
+    torchrun --standalone --nproc_per_node=4 train.py ...                     # one machine, 4 GPUs
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d \\
+             --rdzv-endpoint=HOST:29500 --rdzv-id=ddpm train.py ...          # on each of 2 machines
+
+``train.py`` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); without it,
+everything here is a no-op and training is a single process.
+
+The rule that keeps a distributed run equal to a single-process one: ``--batch-size`` is the *global*
+batch. Every rank walks the same seeded order of the data and draws the same timesteps and noise for
+the whole global batch, then keeps only its own slice (:meth:`Shard.part`). Gradients are averaged by
+DDP, each rank's loss being weighted by its share of the batch, so N processes take the very steps one
+process would, up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place among ``world`` processes."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes grids, plots and checkpoints, and prints."""
+        return self.rank == 0
+
+    def part(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous slice of a global batch along dim 0 (sizes differ by at most one)."""
+        return x if self.world == 1 else x.tensor_split(self.world)[self.rank]
+
+
+SINGLE = Shard()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def start(device: torch.device) -> tuple[Shard, torch.device]:
+    """Join the process group torchrun set up: NCCL on CUDA (one GPU per local rank), gloo on CPU."""
+    if not launched_by_torchrun():
+        return SINGLE, device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Shard(dist.get_rank(), dist.get_world_size()), device
+
+
+def stop() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def wrap(module: nn.Module, shard: Shard, device: torch.device) -> nn.Module:
+    """``module`` under DDP when there are several processes (gradients averaged in ``backward``)."""
+    if shard.world == 1:
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    # the buffers are the noise schedule, identical everywhere: no need to broadcast them every step
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+
+
+def sum_over_ranks(x: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """``x`` summed over every rank (``x`` itself in a single process)."""
+    if shard.world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
