@@ -171,46 +171,56 @@ def output_targets(args: argparse.Namespace) -> str:
     return out
 
 
+def draw_guidance_grid(ddpm: DDPM, config: dict[str, Any], args: argparse.Namespace, out: str,
+                       run: dict[str, Any], how: dict[str, Any]) -> tuple[torch.Tensor, str]:
+    """One row per ``--guidance-grid`` scale, each from the same seed (so the same noise)."""
+    n = args.n if args.digit is not None else 1
+    row = requested_labels(args.digit, n, config["n_classes"], config.get("dataset", "mnist"))
+    x = torch.cat([generate(ddpm, row, s, **run, **how) for s in args.guidance_grid])
+    save_grid(x, out, ncol=len(row))
+    return x, f"guidance {' '.join(f'{s:g}' for s in args.guidance_grid)}, one row each"
+
+
+def draw_images(ddpm: DDPM, config: dict[str, Any], args: argparse.Namespace, out: str,
+                run: dict[str, Any], how: dict[str, Any]) -> tuple[torch.Tensor, str]:
+    """A grid (or an ``--interpolate`` row), with the GIF, strip and NPZ asked for."""
+    dataset, n_classes = config.get("dataset", "mnist"), config["n_classes"]
+    if args.interpolate:
+        a, b = (check_class(k, "--interpolate", dataset, n_classes) for k in args.interpolate)
+        labels, ncol, header = blended_labels(a, b, args.n, n_classes), args.n, None
+        how = {**how, "shared_noise": True}
+    else:
+        labels, ncol = requested_labels(args.digit, args.n, n_classes, dataset), 10
+        header = CLASS_NAMES[dataset] if dataset != "mnist" and args.digit is None else None
+    wants_states = bool(args.gif or args.trajectory)
+    result = generate(ddpm, labels, args.guidance, trajectory=wants_states, **run, **how)
+    x, states = result if wants_states else (result, None)
+    save_grid(x, out, ncol=ncol, header=header)
+    what = f"guidance {args.guidance:g}"
+    if args.gif:
+        what += f", {save_animation(states, args.gif, args.frames, ncol)}-frame GIF {args.gif}"
+    if args.trajectory:
+        save_strip(states, args.trajectory)
+        what += f", strip {args.trajectory}"
+    if args.npz:
+        atomic_write(args.npz, lambda tmp: _save_npz(tmp, to_uint8(x).numpy(), labels.numpy(), dataset))
+        what += f", {args.npz}"
+    return x, what
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     check_modes(args)
     path = newest_checkpoint(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
     device = pick_device(args.device)
     ddpm, ckpt = load_sampler(path, device)
-    config = ckpt["config"]
-    dataset, n_classes = config.get("dataset", "mnist"), config["n_classes"]
     how = {**resolve_sampler(args.sampler, args.steps, ddpm.T), "eta": args.eta}
     run = dict(seed=args.seed, batch_size=args.batch_size, device=device, amp=args.amp)
     out = output_targets(args)
     started = time.perf_counter()
-    if args.guidance_grid:
-        row = requested_labels(args.digit, args.n if args.digit is not None else 1, n_classes, dataset)
-        x = torch.cat([generate(ddpm, row, s, **run, **how) for s in args.guidance_grid])
-        save_grid(x, out, ncol=len(row))
-        what = f"guidance {' '.join(f'{s:g}' for s in args.guidance_grid)}, one row each"
-    else:
-        if args.interpolate:
-            a, b = (check_class(k, "--interpolate", dataset, n_classes) for k in args.interpolate)
-            labels, ncol, header = blended_labels(a, b, args.n, n_classes), args.n, None
-            how["shared_noise"] = True
-        else:
-            labels, ncol = requested_labels(args.digit, args.n, n_classes, dataset), 10
-            header = CLASS_NAMES[dataset] if dataset != "mnist" and args.digit is None else None
-        wants_states = bool(args.gif or args.trajectory)
-        result = generate(ddpm, labels, args.guidance, trajectory=wants_states, **run, **how)
-        x, states = result if wants_states else (result, None)
-        save_grid(x, out, ncol=ncol, header=header)
-        what = f"guidance {args.guidance:g}"
-        if args.gif:
-            what += f", {save_animation(states, args.gif, args.frames, ncol)}-frame GIF {args.gif}"
-        if args.trajectory:
-            save_strip(states, args.trajectory)
-            what += f", strip {args.trajectory}"
-        if args.npz:
-            atomic_write(args.npz, lambda tmp: _save_npz(tmp, to_uint8(x).numpy(), labels.numpy(), dataset))
-            what += f", {args.npz}"
-    seconds = time.perf_counter() - started
-    print(f"{len(x)} images in {seconds:.1f}s ({describe_sampler(how)}, {what}) "
+    draw = draw_guidance_grid if args.guidance_grid else draw_images
+    x, what = draw(ddpm, ckpt["config"], args, out, run, how)
+    print(f"{len(x)} images in {time.perf_counter() - started:.1f}s ({describe_sampler(how)}, {what}) "
           f"from {path} (epoch {ckpt['epoch']}) -> {out}", file=sys.stderr)
     return 0
 

@@ -1,0 +1,161 @@
+"""Reproduce the ancestor's study: train every (T, n_feat) configuration, then measure each.
+
+    python experiments.py --data-root DATA                      # the ancestor's four: T 500 1000 x n_feat 128 256
+    python experiments.py --preset cpu --n-feat 16 32 --data-root DATA --images-dir images   # scaled down
+
+For every configuration this runs ``train.py`` (its per-epoch grids and loss plot land in --out-dir
+under the ancestor's names), then draws ``--eval-n`` digits of every class with the full ancestral
+sampler and with 20 DDIM steps, scores them with ``evaluate.py``'s classifier, and writes one table
+(``<out-dir>/experiments.md``): final loss, accuracy and FID for both samplers, training time, and
+seconds per generated image. A finished configuration is not trained again, an interrupted one is
+resumed, so the command can be rerun after a stop. ``--images-dir`` copies the loss plots and the grids
+of ``--show-epochs`` there (the README's figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from typing import Any, Sequence
+
+import torch
+
+import classifier as clf
+import train
+from checkpoint import checkpoint_path, load_checkpoint, load_sampler
+from cli import ArgumentParser, UsageError, atomic_write, ensure_writable_dir, pick_device, positive_int, run_cli
+from data import to_uint8
+from evaluate import Reference
+from sample import generate, requested_labels
+
+FEW_STEPS = 20
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = ArgumentParser(prog="experiments.py", description="Train and measure every (T, n_feat) configuration.")
+    p.add_argument("--T", type=positive_int, nargs="+", default=[500, 1000], help="diffusion steps (default 500 1000)")
+    p.add_argument("--n-feat", type=positive_int, nargs="+", default=[128, 256], help="UNet widths (default 128 256)")
+    p.add_argument("--preset", choices=sorted(train.PRESETS), default="default",
+                   help="train.py preset for everything else (default: the ancestor's settings)")
+    p.add_argument("--epochs", type=positive_int, help="epochs per configuration (default: the preset's, 20)")
+    p.add_argument("--show-epochs", type=positive_int, nargs="+", default=[1, 5, 10, 15, 20],
+                   help="epochs whose grids go to --images-dir (default 1 5 10 15 20)")
+    p.add_argument("--eval-n", type=positive_int, default=100, help="digits per class for each score (default 100)")
+    p.add_argument("--guidance", type=float, default=2.0, help="guidance scale of the scored samples (default 2)")
+    p.add_argument("--amp", action="store_true", help="sample in bf16 autocast (faster; see the README)")
+    p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw (default ./data)")
+    p.add_argument("--no-download", action="store_true", help="never download MNIST; fail if it is missing")
+    p.add_argument("--out-dir", default="experiments", help="where runs and the table go (default ./experiments)")
+    p.add_argument("--images-dir", help="copy the loss plots and chosen grids here (e.g. images)")
+    p.add_argument("--classifier-cache", help="default checkpoints/classifier/classifier_mnist.pt")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    args = p.parse_args(argv)
+    for n_feat in args.n_feat:
+        if n_feat % 8:
+            raise UsageError(f"--n-feat values must be multiples of 8 (GroupNorm uses 8 groups), got {n_feat}")
+    return args
+
+
+def train_configuration(args: argparse.Namespace, T: int, n_feat: int) -> dict[str, Any]:
+    """Train (or resume, or reuse) one configuration; returns its checkpoint."""
+    path = checkpoint_path(args.out_dir, T, n_feat)
+    argv = ["--preset", args.preset, "--T", str(T), "--n-feat", str(n_feat), "--data-root", args.data_root,
+            "--out-dir", args.out_dir]
+    argv += ["--epochs", str(args.epochs)] if args.epochs else []
+    argv += ["--device", args.device] if args.device else []
+    argv += ["--no-download"] if args.no_download else []
+    wanted = args.epochs or train.PRESETS[args.preset]["epochs"]
+    if os.path.exists(path):
+        done = load_checkpoint(path)
+        if done["epoch"] >= wanted and done["config"]["epochs"] == wanted:
+            print(f"T={T} n_feat={n_feat}: already trained ({path})", file=sys.stderr)
+            return done
+        argv.append("--resume" if done["config"]["epochs"] == wanted else "--overwrite")
+    if train.main(argv) != 0:
+        raise UsageError(f"training T={T} n_feat={n_feat} failed (see the message above)")
+    return load_checkpoint(path)
+
+
+def measure(args: argparse.Namespace, path: str, ref: Reference, model: clf.Classifier,
+            device: torch.device) -> dict[str, Any]:
+    """Accuracy, FID and seconds per image with the full sampler and with ``FEW_STEPS`` DDIM steps."""
+    ddpm, _ = load_sampler(path, device)
+    labels = requested_labels(None, args.eval_n, 10)
+    row: dict[str, Any] = {}
+    few = {"sampler": "ddim", "steps": min(FEW_STEPS, ddpm.T), "eta": 1.0}
+    for name, how in (("full", {"sampler": "ddpm"}), ("ddim", few)):
+        started = time.perf_counter()
+        x = generate(ddpm, labels, args.guidance, 0, 100, device, args.amp, **how)
+        seconds = time.perf_counter() - started
+        score = ref.score(model, to_uint8(x), labels)
+        row[name] = {"accuracy": score["accuracy"], "fid": score["fid"], "seconds_per_image": seconds / len(labels)}
+    return row
+
+
+def format_table(rows: list[dict[str, Any]], floor: dict[str, Any]) -> str:
+    few = f"{FEW_STEPS} steps"
+    lines = [f"| T | n_feat | epochs | final loss | train time | accuracy, full T | FID, full T | "
+             f"accuracy, {few} | FID, {few} | s / image, full T | s / image, {few} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['T']} | {r['n_feat']} | {r['epochs']} | {r['final_loss']:.4f} | "
+                     f"{r['train_seconds'] / 60:.1f} min | {100 * r['full']['accuracy']:.1f}% | "
+                     f"{r['full']['fid']:.1f} | "
+                     f"{100 * r['ddim']['accuracy']:.1f}% | {r['ddim']['fid']:.1f} | "
+                     f"{r['full']['seconds_per_image']:.3f} | {r['ddim']['seconds_per_image']:.3f} |")
+    lines.append(f"| real training digits ({floor['n']}) | | | | | | {floor['fid']:.1f} | | {floor['fid']:.1f} | | |")
+    return "\n".join(lines)
+
+
+def copy_figures(args: argparse.Namespace, T: int, n_feat: int, epochs: int) -> list[str]:
+    """The loss plot and the grids of ``--show-epochs`` into ``--images-dir``, names unchanged."""
+    paths = train.output_paths(args.out_dir, {"T": T, "n_feat": n_feat, "dataset": "mnist"})
+    sources = [paths["loss_plot"]] + [paths["grid"].format(epoch=e) for e in args.show_epochs if e <= epochs]
+    for source in sources:
+        shutil.copyfile(source, os.path.join(args.images_dir, os.path.basename(source)))
+    return [os.path.basename(s) for s in sources]
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = parse_args(argv)
+    for folder in (args.out_dir, args.images_dir):
+        if folder:
+            ensure_writable_dir(folder, "output folder")
+    device = pick_device(args.device)
+    model, info = clf.load_or_train(args.data_root, args.classifier_cache or clf.default_cache("mnist"))
+    ref = Reference(model, args.data_root, args.eval_n, 0)
+    rows = []
+    for T in args.T:
+        for n_feat in args.n_feat:
+            ckpt = train_configuration(args, T, n_feat)
+            steps_per_epoch = len(ckpt["losses"]) // ckpt["epoch"]
+            row = {"T": T, "n_feat": n_feat, "epochs": ckpt["epoch"], "train_seconds": ckpt["train_seconds"],
+                   "final_loss": sum(ckpt["losses"][-steps_per_epoch:]) / steps_per_epoch,
+                   **measure(args, checkpoint_path(args.out_dir, T, n_feat), ref, model, device)}
+            rows.append(row)
+            if args.images_dir:
+                copy_figures(args, T, n_feat, ckpt["epoch"])
+            print(format_table([row], ref.floor).splitlines()[-2], file=sys.stderr, flush=True)
+    table = format_table(rows, ref.floor)
+    header = (f"guidance {args.guidance}, {args.eval_n} digits per class per score, sampling "
+              f"{'bf16' if args.amp else 'fp32'} on {device}; classifier {100 * info['test_accuracy']:.2f}% "
+              f"on the test split\n\n")
+    atomic_write(os.path.join(args.out_dir, "experiments.md"), lambda tmp: _write_text(tmp, header + table + "\n"))
+    print(header + table)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli("experiments.py", _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
