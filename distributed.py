@@ -61,10 +61,17 @@ def start(device: torch.device) -> tuple[Shard, torch.device]:
     return Shard(dist.get_rank(), dist.get_world_size()), device
 
 
-def stop() -> None:
+def stop(wait: bool = True) -> None:
+    """Leave the process group; after a failure, without waiting for the others (torchrun stops them)."""
     if dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def barrier(shard: Shard) -> None:
+    if shard.world > 1:
+        dist.barrier()
 
 
 def wrap(module: nn.Module, shard: Shard, device: torch.device) -> nn.Module:

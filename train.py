@@ -255,6 +255,14 @@ def start_state(args: argparse.Namespace, config: dict[str, Any], paths: dict[st
     return None
 
 
+def load_training_data(args: argparse.Namespace, dataset: str, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training split; with several processes rank 0 alone may download it, the others wait."""
+    if shard.is_main:
+        data = load_dataset(args.data_root, train=True, download=not args.no_download, name=dataset)
+    distributed.barrier(shard)
+    return data if shard.is_main else load_dataset(args.data_root, train=True, download=False, name=dataset)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     config = resolve_config(args)
@@ -263,16 +271,17 @@ def _main(argv: Sequence[str] | None) -> int:
     if ckpt is not None:
         config = ckpt["config"]
     shard, device = distributed.start(pick_device(args.device))
+    finished = False
     try:
         if device.type == "cpu" and config["n_feat"] >= 128 and shard.is_main:
             print("note: this configuration takes hours on a CPU; '--preset cpu' is sized for one", file=sys.stderr)
-        images, labels = load_dataset(args.data_root, train=True, download=not args.no_download and shard.is_main,
-                                      name=config["dataset"])
-        for folder in (args.out_dir, paths["grids"], os.path.dirname(paths["checkpoint"])):
+        images, labels = load_training_data(args, config["dataset"], shard)
+        for folder in (args.out_dir, paths["grids"], os.path.dirname(paths["checkpoint"])) if shard.is_main else ():
             ensure_writable_dir(folder, "output folder")
         train(config, ckpt, images.to(device), labels.to(device), paths, device, speed_from_args(args, device), shard)
+        finished = True
     finally:
-        distributed.stop()
+        distributed.stop(wait=finished)
     return 0
 
 
