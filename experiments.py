@@ -1,15 +1,16 @@
 """Reproduce the ancestor's study: train every (T, n_feat) configuration, then measure each.
 
-    python experiments.py --data-root DATA                      # the ancestor's four: T 500 1000 x n_feat 128 256
-    python experiments.py --preset cpu --n-feat 16 32 --data-root DATA --images-dir images   # scaled down
+    python experiments.py --data-root DATA     # the ancestor's four: T 500 1000 x n_feat 128 256, 20 epochs
+    python experiments.py --preset cpu --n-feat 16 32 --data-root DATA --images-dir images    # scaled down
 
 For every configuration this runs ``train.py`` (its per-epoch grids and loss plot land in --out-dir
 under the ancestor's names), then draws ``--eval-n`` digits of every class with the full ancestral
 sampler and with 20 DDIM steps, scores them with ``evaluate.py``'s classifier, and writes one table
 (``<out-dir>/experiments.md``): final loss, accuracy and FID for both samplers, training time, and
-seconds per generated image. A finished configuration is not trained again, an interrupted one is
-resumed, so the command can be rerun after a stop. ``--images-dir`` copies the loss plots and the grids
-of ``--show-epochs`` there (the README's figures).
+seconds per generated image. The model after epoch 1 (kept by ``train.py --snapshot-epochs 1``) is
+scored too, with the digits it most often draws instead of the one asked for. A finished configuration
+is not trained again, an interrupted one is resumed, so the command can be rerun after a stop.
+``--images-dir`` copies the loss plots and the grids of ``--show-epochs`` there (the README's figures).
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ import train
 from checkpoint import checkpoint_path, load_checkpoint, load_sampler
 from cli import ArgumentParser, UsageError, atomic_write, ensure_writable_dir, pick_device, positive_int, run_cli
 from data import to_uint8
-from evaluate import Reference
+from evaluate import Reference, features_of
 from sample import generate, requested_labels
 
 FEW_STEPS = 20
+EARLY_EPOCH = 1  # the epoch whose model is checked for blends of similar digits
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -63,7 +65,7 @@ def train_configuration(args: argparse.Namespace, T: int, n_feat: int) -> dict[s
     """Train (or resume, or reuse) one configuration; returns its checkpoint."""
     path = checkpoint_path(args.out_dir, T, n_feat)
     argv = ["--preset", args.preset, "--T", str(T), "--n-feat", str(n_feat), "--data-root", args.data_root,
-            "--out-dir", args.out_dir]
+            "--out-dir", args.out_dir, "--snapshot-epochs", str(EARLY_EPOCH)]
     argv += ["--epochs", str(args.epochs)] if args.epochs else []
     argv += ["--device", args.device] if args.device else []
     argv += ["--no-download"] if args.no_download else []
@@ -79,40 +81,76 @@ def train_configuration(args: argparse.Namespace, T: int, n_feat: int) -> dict[s
     return load_checkpoint(path)
 
 
-def measure(args: argparse.Namespace, path: str, ref: Reference, model: clf.Classifier,
-            device: torch.device) -> dict[str, Any]:
-    """Accuracy, FID and seconds per image with the full sampler and with ``FEW_STEPS`` DDIM steps."""
+def confusions(predicted: torch.Tensor, labels: torch.Tensor, top: int = 3) -> list[tuple[int, int, float]]:
+    """The ``top`` most frequent (asked for, read as, share of those asked for) mistakes."""
+    found = []
+    for k in labels.unique().tolist():
+        asked = predicted[labels == k]
+        for j in asked.unique().tolist():
+            if j != k:
+                found.append((k, j, (asked == j).float().mean().item()))
+    return sorted(found, key=lambda c: -c[2])[:top]
+
+
+def score_samples(args: argparse.Namespace, path: str, ref: Reference, model: clf.Classifier,
+                  device: torch.device, how: dict[str, Any]) -> dict[str, Any]:
+    """Accuracy, FID, top confusions and seconds per image of ``--eval-n`` digits per class."""
     ddpm, _ = load_sampler(path, device)
+    if how["sampler"] == "ddim":
+        how = {**how, "steps": min(how["steps"], ddpm.T)}
     labels = requested_labels(None, args.eval_n, 10)
-    row: dict[str, Any] = {}
-    few = {"sampler": "ddim", "steps": min(FEW_STEPS, ddpm.T), "eta": 1.0}
-    for name, how in (("full", {"sampler": "ddpm"}), ("ddim", few)):
-        started = time.perf_counter()
-        x = generate(ddpm, labels, args.guidance, 0, 100, device, args.amp, **how)
-        seconds = time.perf_counter() - started
-        score = ref.score(model, to_uint8(x), labels)
-        row[name] = {"accuracy": score["accuracy"], "fid": score["fid"], "seconds_per_image": seconds / len(labels)}
+    started = time.perf_counter()
+    x = generate(ddpm, labels, args.guidance, 0, 100, device, args.amp, **how)
+    seconds = time.perf_counter() - started
+    images = to_uint8(x)
+    score = ref.score(model, images, labels)
+    predicted = features_of(model, images)[1]
+    return {"accuracy": score["accuracy"], "fid": score["fid"], "seconds_per_image": seconds / len(labels),
+            "confusions": confusions(predicted, labels)}
+
+
+def measure(args: argparse.Namespace, out: dict[str, str], ref: Reference, model: clf.Classifier,
+            device: torch.device) -> dict[str, Any]:
+    """The final model with the full sampler and with ``FEW_STEPS`` DDIM steps; the early model with DDIM."""
+    few = {"sampler": "ddim", "steps": FEW_STEPS, "eta": 1.0}
+    row = {"full": score_samples(args, out["checkpoint"], ref, model, device, {"sampler": "ddpm"}),
+           "ddim": score_samples(args, out["checkpoint"], ref, model, device, few)}
+    early = out["snapshot"].format(epoch=EARLY_EPOCH)
+    row["early"] = score_samples(args, early, ref, model, device, few) if os.path.exists(early) else None
     return row
+
+
+def _mistakes(found: list[tuple[int, int, float]]) -> str:
+    return ", ".join(f"{k}→{j} {100 * share:.0f}%" for k, j, share in found) or "none"
 
 
 def format_table(rows: list[dict[str, Any]], floor: dict[str, Any]) -> str:
     few = f"{FEW_STEPS} steps"
     lines = [f"| T | n_feat | epochs | final loss | train time | accuracy, full T | FID, full T | "
-             f"accuracy, {few} | FID, {few} | s / image, full T | s / image, {few} |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"accuracy, {few} | FID, {few} | s / image, full T | s / image, {few} | "
+             f"epoch {EARLY_EPOCH}: accuracy, {few} | epoch {EARLY_EPOCH}: top mistakes | final: top mistakes, {few} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        early = r["early"]
         lines.append(f"| {r['T']} | {r['n_feat']} | {r['epochs']} | {r['final_loss']:.4f} | "
                      f"{r['train_seconds'] / 60:.1f} min | {100 * r['full']['accuracy']:.1f}% | "
-                     f"{r['full']['fid']:.1f} | "
-                     f"{100 * r['ddim']['accuracy']:.1f}% | {r['ddim']['fid']:.1f} | "
-                     f"{r['full']['seconds_per_image']:.3f} | {r['ddim']['seconds_per_image']:.3f} |")
-    lines.append(f"| real training digits ({floor['n']}) | | | | | | {floor['fid']:.1f} | | {floor['fid']:.1f} | | |")
+                     f"{r['full']['fid']:.1f} | {100 * r['ddim']['accuracy']:.1f}% | {r['ddim']['fid']:.1f} | "
+                     f"{r['full']['seconds_per_image']:.3f} | {r['ddim']['seconds_per_image']:.3f} | "
+                     + (f"{100 * early['accuracy']:.1f}% | {_mistakes(early['confusions'])} | "
+                        if early else "- | - | ")
+                     + f"{_mistakes(r['ddim']['confusions'])} |")
+    lines.append(f"| real training digits ({floor['n']}) | | | | | | {floor['fid']:.1f} | | {floor['fid']:.1f} | "
+                 "| | | | |")
     return "\n".join(lines)
+
+
+def config_of(T: int, n_feat: int) -> dict[str, Any]:
+    return {"T": T, "n_feat": n_feat, "dataset": "mnist"}
 
 
 def copy_figures(args: argparse.Namespace, T: int, n_feat: int, epochs: int) -> list[str]:
     """The loss plot and the grids of ``--show-epochs`` into ``--images-dir``, names unchanged."""
-    paths = train.output_paths(args.out_dir, {"T": T, "n_feat": n_feat, "dataset": "mnist"})
+    paths = train.output_paths(args.out_dir, config_of(T, n_feat))
     sources = [paths["loss_plot"]] + [paths["grid"].format(epoch=e) for e in args.show_epochs if e <= epochs]
     for source in sources:
         shutil.copyfile(source, os.path.join(args.images_dir, os.path.basename(source)))
@@ -139,7 +177,7 @@ def _main(argv: Sequence[str] | None) -> int:
             steps_per_epoch = len(ckpt["losses"]) // ckpt["epoch"]
             row = {"T": T, "n_feat": n_feat, "epochs": ckpt["epoch"], "train_seconds": ckpt["train_seconds"],
                    "final_loss": sum(ckpt["losses"][-steps_per_epoch:]) / steps_per_epoch,
-                   **measure(args, checkpoint_path(args.out_dir, T, n_feat), ref, model, device)}
+                   **measure(args, train.output_paths(args.out_dir, config_of(T, n_feat)), ref, model, device)}
             rows.append(row)
             if args.images_dir:
                 copy_figures(args, T, n_feat, ckpt["epoch"])

@@ -17,6 +17,7 @@ import argparse
 import copy
 import functools
 import os
+import shutil
 from dataclasses import replace
 import sys
 import time
@@ -95,6 +96,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     fast.add_argument("--compile", action="store_true", help="torch.compile the network")
     fast.add_argument("--log-every", type=positive_int, help="read the loss back every N steps (default 25)")
     p.add_argument("--overwrite", action="store_true", help="start over even if a checkpoint exists")
+    p.add_argument("--snapshot-epochs", type=positive_int, nargs="+", default=[], metavar="E",
+                   help="also keep a copy of the checkpoint after these epochs, in checkpoints/snapshots/")
     return p.parse_args(argv)
 
 
@@ -139,6 +142,7 @@ def output_paths(out_dir: str, config: dict[str, Any]) -> dict[str, str]:
         "grid": os.path.join(out_dir, f"DDMP_generated_samples_{tag}", "samples_epoch{epoch}_" + tag + ".png"),
         "loss_plot": os.path.join(out_dir, f"loss_plot_{tag}.png"),
         "checkpoint": checkpoint_path(out_dir, config["T"], config["n_feat"], config["dataset"]),
+        "snapshot": os.path.join(out_dir, "checkpoints", "snapshots", f"ddpm_{tag}_epoch{{epoch}}.pt"),
     }
 
 
@@ -278,7 +282,8 @@ def _main(argv: Sequence[str] | None) -> int:
         images, labels = load_training_data(args, config["dataset"], shard)
         for folder in (args.out_dir, paths["grids"], os.path.dirname(paths["checkpoint"])) if shard.is_main else ():
             ensure_writable_dir(folder, "output folder")
-        train(config, ckpt, images.to(device), labels.to(device), paths, device, speed_from_args(args, device), shard)
+        train(config, ckpt, images.to(device), labels.to(device), paths, device, speed_from_args(args, device), shard,
+              args.snapshot_epochs)
         finished = True
     finally:
         distributed.stop(wait=finished)
@@ -286,7 +291,8 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def train(config: dict[str, Any], ckpt: dict[str, Any] | None, images: torch.Tensor, labels: torch.Tensor,
-          paths: dict[str, str], device: torch.device, speed: Speed = PLAIN, shard: Shard = SINGLE) -> None:
+          paths: dict[str, str], device: torch.device, speed: Speed = PLAIN, shard: Shard = SINGLE,
+          snapshot_epochs: Sequence[int] = ()) -> None:
     """Run (or continue) training to ``config['epochs']``; rank 0 writes every per-epoch file."""
     torch.manual_seed(config["seed"])
     ddpm = build_ddpm(config).to(device)
@@ -316,10 +322,19 @@ def train(config: dict[str, Any], ckpt: dict[str, Any] | None, images: torch.Ten
         if shard.is_main:
             save_checkpoint(paths["checkpoint"], config=config, model=ddpm.eps_model.state_dict(),
                             ema=ema.state_dict(), optimizer=optimizer.state_dict(), **history)
+            if epoch + 1 in snapshot_epochs:
+                keep_snapshot(paths, epoch + 1)
         mean = sum(history["losses"][-steps_per_epoch:]) / steps_per_epoch
         log(f"epoch {epoch + 1}/{config['epochs']}: loss {mean:.4f}, "
             f"{time.perf_counter() - started:.1f}s, total {history['train_seconds']:.1f}s")
     log(f"done: {paths['checkpoint']}")
+
+
+def keep_snapshot(paths: dict[str, str], epoch: int) -> None:
+    """A copy of the checkpoint just written, kept as ``snapshots/ddpm_<T>_<n_feat>_epoch<e>.pt``."""
+    target = paths["snapshot"].format(epoch=epoch)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    atomic_write(target, lambda tmp: shutil.copyfile(paths["checkpoint"], tmp))
 
 
 def draw_progress(ema: nn.Module, config: dict[str, Any], losses: list[float], epoch: int,

@@ -17,6 +17,8 @@ def test_study_trains_measures_and_reruns_without_training(fake_mnist, tmp_path,
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 2 + 1  # header, two configurations, the real-data floor
     assert table[1].startswith("| 8 | 8 | 2 |") and table[2].startswith("| 10 | 8 | 2 |")
+    assert all(row.count("|") == table[0].count("|") for row in table)
+    assert os.path.exists(os.path.join(out, "checkpoints", "snapshots", "ddpm_8_8_epoch1.pt"))
     with open(os.path.join(out, "experiments.md")) as f:
         assert "| 10 | 8 | 2 |" in f.read()
     assert sorted(os.listdir(images)) == sorted(
@@ -27,6 +29,14 @@ def test_study_trains_measures_and_reruns_without_training(fake_mnist, tmp_path,
     assert experiments.main(args[:2] + ["8"] + args[4:]) == 0  # T=8 only: measured again, not retrained
     assert os.stat(checkpoint).st_mtime_ns == before
     assert "already trained" in capsys.readouterr().err
+
+
+def test_confusions_name_the_most_frequent_mistakes():
+    import torch
+
+    labels = torch.tensor([6, 6, 6, 6, 0, 0, 0, 0])
+    predicted = torch.tensor([8, 8, 6, 6, 0, 8, 0, 0])
+    assert experiments.confusions(predicted, labels) == [(6, 8, 0.5), (0, 8, 0.25)]
 
 
 def test_study_bad_width_is_one_line(tmp_path, capsys):
