@@ -204,7 +204,7 @@ def _main(argv: Sequence[str] | None) -> int:
           f"against the {info['test_size']} test images")
     print(format_table(rows + [ref.floor]))
     for row in rows:
-        print(f"per digit, {row['name']}, guidance {row.get('guidance', '-')}: "
+        print(f"per {'digit' if dataset == 'mnist' else 'class'}, {row['name']}, guidance {row.get('guidance', '-')}: "
               + "  ".join(f"{k}:{100 * v:.0f}%" for k, v in row["per_digit"].items()))
     return 0
 
