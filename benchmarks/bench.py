@@ -130,7 +130,8 @@ def ablate(args: Any) -> None:
         (f"without {name}", replace(fast, **{name: value}))
         for name, value in (("amp", False), ("fused_optimizer", False), ("on_device_data", False), ("log_every", 1))
         if getattr(fast, name) != value
-    ] + [("plain path", PLAIN)] + ([("fast path + torch.compile", replace(fast, compile=True))] if args.compile else [])
+    ] + [("fast path + channels_last", replace(fast, channels_last=True)), ("plain path", PLAIN)]
+    variants += [("fast path + torch.compile", replace(fast, compile=True))] if args.compile else []
     print("\n| training | images/s |\n|---|---|")
     for name, speed in variants:
         print(f"| {name} | {time_training(config, speed, device, args.train_steps, args.warmup):.1f} |", flush=True)
