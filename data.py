@@ -87,6 +87,17 @@ def _download(cls: type, root: str, train: bool, missing: str) -> torchvision.da
         raise UsageError(f"could not download ({reason}); {missing}") from None
 
 
+def write_idx(path: str, array: torch.Tensor) -> None:
+    """Write a uint8 tensor in the IDX format MNIST ships in (big-endian sizes, magic 0x08 = unsigned byte)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    atomic_write(path, lambda tmp: _write_bytes(tmp, header + array.to(torch.uint8).contiguous().numpy().tobytes()))
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
     """``uint8 (B, 28, 28)`` in ``[0, 255]`` -> ``float (B, 1, 28, 28)`` in ``[-1, 1]``."""
     return images.unsqueeze(1).float().div(127.5).sub(1.0)

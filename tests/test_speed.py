@@ -28,6 +28,7 @@ def test_flags_turn_parts_off():
     chosen = train.speed_from_args(args, cpu)
     assert not chosen.amp and not chosen.fused_optimizer and chosen.log_every == 3 and chosen.on_device_data
     assert train.speed_from_args(train.parse_args(["--plain"]), cpu) == speed.PLAIN
+    assert not chosen.channels_last and train.speed_from_args(train.parse_args(["--channels-last"]), cpu).channels_last
     assert speed.default_speed(cpu).log_every > 1
 
 
@@ -49,4 +50,19 @@ def test_bench_runs(capsys):
     assert bench.main(args) == 0
     out = capsys.readouterr().out
     assert "| plain |" in out and "| fast |" in out and "fast / plain: training" in out
-    assert "| fast path |" in out and "| plain path |" in out
+    assert "| fast path |" in out and "| plain path |" in out and "| fast path + channels_last |" in out
+
+
+def test_tile_data_repeats_the_training_split(tmp_path):
+    from benchmarks import tile_data
+    from data import load_dataset
+
+    data = write_fake_mnist(str(tmp_path / "data"))
+    out = str(tmp_path / "tiled")
+    assert tile_data.main(["--data-root", data, "--size", "150", "--out", out]) == 0
+    small, small_labels = load_dataset(data, download=False)
+    images, labels = load_dataset(out, download=False)
+    assert images.shape == (150, 28, 28) and torch.equal(images[64:128], small)
+    assert torch.equal(labels[:64], small_labels)
+    test_split = [load_dataset(root, train=False, download=False)[0] for root in (data, out)]
+    assert torch.equal(*test_split)
