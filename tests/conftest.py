@@ -52,13 +52,17 @@ def fake_mnist(tmp_path) -> str:
     return write_fake_mnist(str(tmp_path / "data"))
 
 
+def train_tiny(root, flags: list[str] = TINY_TRAIN, folder: str = "MNIST") -> dict:
+    """Train on a fresh fake dataset under ``root``; the data root, output folder and checkpoint path."""
+    import train
+
+    data = write_fake_mnist(str(root / "data"), folder=folder)
+    out = str(root / "out")
+    assert train.main(flags + ["--data-root", data, "--out-dir", out]) == 0
+    return {"data": data, "out": out, "checkpoint": os.path.join(out, "checkpoints", "ddpm_8_8.pt")}
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> dict:
     """One tiny finished training run, shared by the tests that only read it."""
-    import train
-
-    root = tmp_path_factory.mktemp("run")
-    data = write_fake_mnist(str(root / "data"))
-    out = str(root / "out")
-    assert train.main(TINY_TRAIN + ["--data-root", data, "--out-dir", out]) == 0
-    return {"data": data, "out": out, "checkpoint": os.path.join(out, "checkpoints", "ddpm_8_8.pt")}
+    return train_tiny(tmp_path_factory.mktemp("run"))

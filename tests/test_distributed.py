@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 import checkpoint
 import sample
 import train
-from conftest import TINY_TRAIN, write_fake_mnist
+from conftest import TINY_TRAIN, train_tiny, write_fake_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # fp32, so that the only difference between 1 and 2 processes is the order of float sums
@@ -25,11 +25,7 @@ FP32_TRAIN = TINY_TRAIN + ["--no-amp"]
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("one")
-    data = write_fake_mnist(str(root / "data"))
-    out = str(root / "out")
-    assert train.main(FP32_TRAIN + ["--data-root", data, "--out-dir", out]) == 0
-    return {"data": data, "checkpoint": checkpoint.checkpoint_path(out, 8, 8)}
+    return train_tiny(tmp_path_factory.mktemp("one"), FP32_TRAIN)
 
 
 def free_port() -> int:
