@@ -111,34 +111,38 @@ def _umask() -> int:
 
 
 # The sampler used when none is asked for, chosen by measurement (see the README's quality section):
-# DDIM on 50 timesteps with eta = 1, i.e. ancestral-style noise on a sub-sequence. Deterministic
-# DDIM (eta = 0) left speckle noise in the small CPU-preset model's digits.
-DEFAULT_SAMPLER, DEFAULT_DDIM_STEPS, DEFAULT_ETA = "ddim", 50, 1.0
+# DPM-Solver++(2M) on 20 timesteps with eta = 1 (ancestral-style noise). On the CPU-preset model it
+# matches the full 500-step ancestral sampler's accuracy and FID in 1/25 of the time, where 20 DDIM
+# steps left the FID 15-30% higher. Deterministic sampling (eta = 0) left speckle noise in its digits.
+DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_ETA = "dpm++", 20, 1.0
+STEPS_ERROR = "--steps is for --sampler ddim or dpm++; the ddpm sampler always takes all T steps"
 
 
 def resolve_sampler(sampler: str | None, steps: int | None, T: int) -> dict[str, Any]:
-    """``--sampler``/``--steps`` -> keyword arguments of ``DDPM.sample``; ``--steps`` alone implies ddim."""
-    if sampler is None:
-        sampler = "ddim" if steps is not None else DEFAULT_SAMPLER
+    """``--sampler``/``--steps`` -> keyword arguments of ``DDPM.sample``.
+
+    ``--steps`` alone keeps the default few-step sampler (dpm++).
+    """
+    sampler = sampler or DEFAULT_SAMPLER
     if sampler == "ddpm":
         if steps is not None:
-            raise UsageError("--steps is for --sampler ddim; the ddpm sampler always takes all T steps")
+            raise UsageError(STEPS_ERROR)
         return {"sampler": "ddpm"}
     if steps is None:
-        steps = min(DEFAULT_DDIM_STEPS, T)
+        steps = min(DEFAULT_STEPS, T)
     if steps > T:
         raise UsageError(f"--steps must be at most T={T} for this checkpoint, got {steps}")
-    return {"sampler": "ddim", "steps": steps}
+    return {"sampler": sampler, "steps": steps}
 
 
 def describe_sampler(how: dict[str, Any]) -> str:
-    return "ddpm (all T steps)" if how["sampler"] == "ddpm" else f"ddim {how['steps']} steps"
+    return "ddpm (all T steps)" if how["sampler"] == "ddpm" else f"{how['sampler']} {how['steps']} steps"
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     """The options ``sample.py`` and ``evaluate.py`` share for how digits are generated."""
     p.add_argument("--eta", type=non_negative_float, default=DEFAULT_ETA,
-                   help="DDIM noise: 0 deterministic, 1 ancestral-like (default 1)")
+                   help="noise of the ddim and dpm++ samplers: 0 deterministic, 1 ancestral-like (default 1)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast: faster on GPUs and CPUs with bf16 units")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")

@@ -2,7 +2,7 @@
 
     python evaluate.py --checkpoint checkpoints/ddpm_500_32.pt --data-root DATA
     python evaluate.py --checkpoint C --guidance 0 1 2 4 --steps 10 20 50     # one row per combination
-    python evaluate.py --checkpoint C --sampler ddpm ddim --steps 20           # full ancestral vs 20 DDIM steps
+    python evaluate.py --checkpoint C --sampler ddpm dpm++ ddim --steps 20     # full ancestral vs 20 steps of the others
     python evaluate.py --npz out.npz --data-root DATA                          # digits written by sample.py
 
 For each row, ``--n`` digits of every class are generated (the same digits ``sample.py --n N`` would draw
@@ -31,9 +31,9 @@ import torch
 import classifier as clf
 from checkpoint import load_sampler, newest_checkpoint
 from cli import ArgumentParser, UsageError, add_generation_args, describe_sampler, non_negative_float, pick_device
-from cli import positive_int, resolve_sampler, run_cli
+from cli import DEFAULT_SAMPLER, DEFAULT_STEPS, STEPS_ERROR, positive_int, resolve_sampler, run_cli
 from data import load_dataset, to_uint8
-from ddpm import DDPM
+from ddpm import DDPM, SAMPLERS
 from sample import generate, requested_labels
 
 
@@ -112,9 +112,9 @@ class Reference:
 
 
 def sampler_settings(samplers: list[str] | None, steps: list[int] | None, T: int) -> list[dict[str, Any]]:
-    """Every sampler row asked for: ddpm once, ddim once per ``--steps`` value."""
-    if steps and samplers and "ddim" not in samplers:
-        raise UsageError("--steps is for --sampler ddim; the ddpm sampler always takes all T steps")
+    """Every sampler row asked for: ddpm once, ddim and dpm++ once per ``--steps`` value."""
+    if steps and samplers and set(samplers) == {"ddpm"}:
+        raise UsageError(STEPS_ERROR)
     rows = []
     for sampler in samplers or [None]:
         for n_steps in ([None] if sampler == "ddpm" or not steps else steps):
@@ -141,8 +141,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     source.add_argument("--npz", help="score the digits in this sample.py --npz file instead of generating")
     p.add_argument("--n", type=positive_int, default=100, help="digits per class for each row (default 100)")
     p.add_argument("--guidance", type=non_negative_float, nargs="+", default=[2.0], help="guidance scales (default 2)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), nargs="+", help="samplers (default: ddim)")
-    p.add_argument("--steps", type=positive_int, nargs="+", help="DDIM step counts (default 50)")
+    p.add_argument("--sampler", choices=SAMPLERS, nargs="+", help=f"samplers (default: {DEFAULT_SAMPLER})")
+    p.add_argument("--steps", type=positive_int, nargs="+",
+                   help=f"step counts of the ddim and dpm++ samplers (default {DEFAULT_STEPS})")
     add_generation_args(p)
     p.add_argument("--data-root", default="./data",
                    help="folder holding MNIST/raw (or FashionMNIST/raw), train and test (default ./data)")

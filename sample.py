@@ -26,9 +26,10 @@ from tqdm import tqdm
 
 from checkpoint import load_sampler, newest_checkpoint
 from cli import ArgumentParser, UsageError, add_generation_args, atomic_write, describe_sampler, ensure_writable_dir
-from cli import non_negative_float, pick_device, positive_int, resolve_sampler, run_cli
+from cli import DEFAULT_SAMPLER, DEFAULT_STEPS, non_negative_float, pick_device, positive_int, resolve_sampler
+from cli import run_cli
 from data import CLASS_NAMES, grid_image, save_gif, save_grid, to_uint8
-from ddpm import DDPM
+from ddpm import DDPM, SAMPLERS
 from speed import Speed, autocast
 
 STRIP_COLUMNS = 10  # states shown per row by --trajectory, from pure noise to the image
@@ -44,9 +45,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="checkpoint file, or a folder whose newest *.pt is used (default ./checkpoints)")
     p.add_argument("--guidance", type=non_negative_float, default=2.0,
                    help="classifier-free guidance scale s: 0 unconditional, 1 conditional (default 2)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"),
-                   help="ddpm: ancestral, all T steps; ddim: --steps steps (default: ddim, 50 steps)")
-    p.add_argument("--steps", type=positive_int, help="DDIM steps (implies --sampler ddim; default 50)")
+    p.add_argument("--sampler", choices=SAMPLERS,
+                   help="ddpm: ancestral, all T steps; ddim or dpm++ (DPM-Solver++(2M)): --steps steps "
+                        f"(default: {DEFAULT_SAMPLER}, {DEFAULT_STEPS} steps)")
+    p.add_argument("--steps", type=positive_int, help=f"steps of the ddim or dpm++ sampler (default {DEFAULT_STEPS})")
     add_generation_args(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--interpolate", nargs=2, type=int, metavar=("A", "B"),

@@ -34,8 +34,8 @@ from tqdm import tqdm  # noqa: E402
 import distributed  # noqa: E402
 from checkpoint import build_ddpm, checkpoint_path, load_checkpoint, run_tag, save_checkpoint  # noqa: E402
 from cli import (  # noqa: E402
-    DEFAULT_ETA, ArgumentParser, UsageError, atomic_write, ensure_writable_dir, non_negative_float, non_negative_int,
-    pick_device, positive_float, positive_int, run_cli,
+    DEFAULT_ETA, DEFAULT_SAMPLER, DEFAULT_STEPS, ArgumentParser, UsageError, atomic_write, ensure_writable_dir,
+    non_negative_float, non_negative_int, pick_device, positive_float, positive_int, run_cli,
 )
 from data import CLASS_NAMES, DATASETS, load_dataset, save_grid, to_model_range  # noqa: E402
 from ddpm import DDPM  # noqa: E402
@@ -49,11 +49,11 @@ from speed import (  # noqa: E402
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
         T=500, n_feat=128, epochs=20, batch_size=256, lr=1e-4, beta_start=1e-4, beta_end=0.02,
-        p_uncond=0.1, ema_decay=0.995, guidance=2.0, grid_rows=4, grid_steps=50, seed=0,
+        p_uncond=0.1, ema_decay=0.995, guidance=2.0, grid_rows=4, grid_steps=DEFAULT_STEPS, seed=0,
     ),
     "cpu": dict(
         T=500, n_feat=32, epochs=20, batch_size=64, lr=1e-3, beta_start=2e-4, beta_end=0.04,
-        p_uncond=0.1, ema_decay=0.995, guidance=2.0, grid_rows=1, grid_steps=50, seed=0,
+        p_uncond=0.1, ema_decay=0.995, guidance=2.0, grid_rows=1, grid_steps=DEFAULT_STEPS, seed=0,
     ),
 }
 # Settings that change the trained model; a resumed run must not contradict them.
@@ -78,7 +78,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--guidance", type=non_negative_float, help="guidance scale of the per-epoch grids (default 2)")
     p.add_argument("--grid-rows", type=positive_int, help="rows of digits 0..9 in each per-epoch grid (default 4)")
     p.add_argument("--grid-steps", type=non_negative_int,
-                   help="DDIM steps for the per-epoch grids; 0 = the full ancestral sampler (default 50)")
+                   help=f"{DEFAULT_SAMPLER} steps for the per-epoch grids; 0 = the full ancestral sampler "
+                        f"(default {DEFAULT_STEPS})")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--data-root", default="./data",
                    help="folder holding MNIST/raw or FashionMNIST/raw (default ./data)")
@@ -217,13 +218,13 @@ def train_epoch(ddpm: DDPM, ema: nn.Module, optimizer: torch.optim.Optimizer, im
 def sample_grid(ema: nn.Module, config: dict[str, Any], path: str, device: torch.device) -> None:
     """Draw ``grid_rows`` rows of digits 0..9 with the EMA weights, the same noise every epoch.
 
-    DDIM with ``grid_steps`` steps by default: the grid is a progress picture, and a full
+    The default few-step sampler with ``grid_steps`` steps: the grid is a progress picture, and a full
     ancestral run each epoch would cost more than the epoch itself on a CPU.
     """
     sampler = DDPM(ema, config["T"], config["beta_start"], config["beta_end"]).to(device)
     labels = torch.arange(config["n_classes"], device=device).repeat(config["grid_rows"])
     ema.eval()
-    how = dict(sampler="ddim", steps=config["grid_steps"], eta=DEFAULT_ETA) if config["grid_steps"] else {}
+    how = dict(sampler=DEFAULT_SAMPLER, steps=config["grid_steps"], eta=DEFAULT_ETA) if config["grid_steps"] else {}
     x = sampler.sample(labels, config["guidance"], generator=torch.Generator().manual_seed(config["seed"]), **how)
     header = None if config["dataset"] == "mnist" else CLASS_NAMES[config["dataset"]]
     save_grid(x, path, ncol=config["n_classes"], header=header)

@@ -69,7 +69,8 @@ def test_sample_one_digit_grid_and_npz(trained_run, tmp_path):
     np.testing.assert_array_equal(np.load(npz)["images"], first)
 
 
-@pytest.mark.parametrize("how", [["--sampler", "ddpm"], ["--steps", "4"], ["--steps", "4", "--eta", "1"]])
+@pytest.mark.parametrize("how", [["--sampler", "ddpm"], ["--steps", "4"], ["--sampler", "ddim", "--steps", "4"],
+                                 ["--sampler", "dpm++", "--steps", "3", "--eta", "0"]])
 def test_sample_with_each_sampler(trained_run, tmp_path, how):
     npz = str(tmp_path / "x.npz")
     args = ["--checkpoint", trained_run["checkpoint"], "--n", "1", "--npz", npz, "--out", str(tmp_path / "x.png")]
@@ -138,7 +139,7 @@ def snapshot(folder: str) -> dict[str, tuple[int, bytes]]:
     (["--out", "blocker/sub/x.png"], "cannot write"),
     (["--device", "cuda:7"], "--device"),
     (["--steps", "9"], "at most T=8"),
-    (["--sampler", "ddpm", "--steps", "4"], "--steps is for --sampler ddim"),
+    (["--sampler", "ddpm", "--steps", "4"], "--steps is for --sampler ddim or dpm++"),
 ])
 def test_sample_bad_input(trained_run, tmp_path, monkeypatch, capsys, args, words):
     monkeypatch.chdir(tmp_path)

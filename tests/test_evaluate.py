@@ -42,24 +42,26 @@ def test_diversity_is_zero_for_copies():
 
 
 def test_sampler_rows():
-    rows = evaluate.sampler_settings(["ddpm", "ddim"], [10, 20], T=50)
-    assert rows == [{"sampler": "ddpm"}, {"sampler": "ddim", "steps": 10}, {"sampler": "ddim", "steps": 20}]
-    assert evaluate.sampler_settings(None, [5], T=50) == [{"sampler": "ddim", "steps": 5}]
-    assert evaluate.sampler_settings(None, None, T=500)[0]["sampler"] in ("ddpm", "ddim")
+    rows = evaluate.sampler_settings(["ddpm", "ddim", "dpm++"], [10, 20], T=50)
+    assert rows == [{"sampler": "ddpm"}, {"sampler": "ddim", "steps": 10}, {"sampler": "ddim", "steps": 20},
+                    {"sampler": "dpm++", "steps": 10}, {"sampler": "dpm++", "steps": 20}]
+    assert evaluate.sampler_settings(None, [5], T=50) == [{"sampler": "dpm++", "steps": 5}]  # the default
+    assert evaluate.sampler_settings(None, None, T=500) == [{"sampler": "dpm++", "steps": 20}]
+    assert evaluate.sampler_settings(None, None, T=8) == [{"sampler": "dpm++", "steps": 8}]
     with pytest.raises(UsageError):
         evaluate.sampler_settings(["ddim"], [60], T=50)
 
 
 def test_evaluate_checkpoint_end_to_end(trained_run, tmp_path, capsys):
     args = ["--checkpoint", trained_run["checkpoint"], "--data-root", trained_run["data"], "--n", "3",
-            "--guidance", "0", "2", "--sampler", "ddpm", "ddim", "--steps", "4",
+            "--guidance", "0", "2", "--sampler", "ddpm", "ddim", "dpm++", "--steps", "4",
             "--classifier-cache", str(tmp_path / "clf.pt"), "--classifier-epochs", "1", "--device", "cpu"]
     assert evaluate.main(args) == 0
     out = capsys.readouterr().out
     table = [line for line in out.splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + 4 + 1  # header, 2 samplers x 2 guidance values, the real-data floor
-    assert "ddim 4 steps" in out and "ddpm (all T steps)" in out and "real training digits" in out
-    assert out.count("per digit") == 4
+    assert len(table) == 1 + 6 + 1  # header, 3 samplers x 2 guidance values, the real-data floor
+    assert "ddim 4 steps" in out and "dpm++ 4 steps" in out and "ddpm (all T steps)" in out
+    assert "real training digits" in out and out.count("per digit") == 6
 
 
 def test_evaluate_npz(trained_run, tmp_path, capsys):
@@ -74,7 +76,7 @@ def test_evaluate_npz(trained_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, words", [
     (["--steps", "9"], "at most T=8"),
-    (["--sampler", "ddpm", "--steps", "4"], "--steps is for --sampler ddim"),
+    (["--sampler", "ddpm", "--steps", "4"], "--steps is for --sampler ddim or dpm++"),
     (["--npz", "missing.npz"], "cannot read"),
 ])
 def test_evaluate_bad_input(trained_run, tmp_path, monkeypatch, capsys, extra, words):
