@@ -171,8 +171,8 @@ def _main(argv: Sequence[str] | None) -> int:
     model, info = clf.load_or_train(args.data_root, args.classifier_cache or clf.default_cache("mnist"))
     ref = Reference(model, args.data_root, args.eval_n, 0)
     rows = []
-    for T in args.T:
-        for n_feat in args.n_feat:
+    for T in dict.fromkeys(args.T):  # each value once, in the order given
+        for n_feat in dict.fromkeys(args.n_feat):
             ckpt = train_configuration(args, T, n_feat)
             steps_per_epoch = len(ckpt["losses"]) // ckpt["epoch"]
             row = {"T": T, "n_feat": n_feat, "epochs": ckpt["epoch"], "train_seconds": ckpt["train_seconds"],

@@ -26,9 +26,13 @@ def test_study_trains_measures_and_reruns_without_training(fake_mnist, tmp_path,
 
     checkpoint = os.path.join(out, "checkpoints", "ddpm_8_8.pt")
     before = os.stat(checkpoint).st_mtime_ns
-    assert experiments.main(args[:2] + ["8"] + args[4:]) == 0  # T=8 only: measured again, not retrained
+    assert args[:3] == ["--T", "8", "10"]
+    assert experiments.main(args[:2] + ["8"] + args[3:]) == 0  # T=8 (twice: once), measured again, not retrained
     assert os.stat(checkpoint).st_mtime_ns == before
-    assert "already trained" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert captured.err.count("already trained") == 1
+    assert len([line for line in captured.out.splitlines() if line.startswith("| 8 | 8 |")]) == 1
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["ddpm_10_8.pt", "ddpm_8_8.pt", "snapshots"]
 
 
 def test_confusions_name_the_most_frequent_mistakes():
