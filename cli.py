@@ -112,8 +112,8 @@ def _umask() -> int:
 
 # The sampler used when none is asked for, chosen by measurement (see the README's quality section):
 # DPM-Solver++(2M) on 20 timesteps with eta = 1 (ancestral-style noise). On the CPU-preset model it
-# matches the full 500-step ancestral sampler's accuracy and FID in 1/25 of the time, where 20 DDIM
-# steps left the FID 15-30% higher. Deterministic sampling (eta = 0) left speckle noise in its digits.
+# matches the full 500-step ancestral sampler's accuracy and FID in about 1/22 of the time, where 20 DDIM
+# steps left the FID 9-30% higher. Deterministic sampling (eta = 0) left speckle noise in its digits.
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_ETA = "dpm++", 20, 1.0
 STEPS_ERROR = "--steps is for --sampler ddim or dpm++; the ddpm sampler always takes all T steps"
 
