@@ -256,7 +256,9 @@ class DDPM(nn.Module):
         """
         return self.ddim_update(x, self.predict_x0(x, t, labels, guidance, clip_x0), t, t_prev, eta, z)
 
-    def extrapolate_x0(self, x0: torch.Tensor, x0_before: torch.Tensor, t_before: int, t: int, t_prev: int) -> torch.Tensor:
+    def extrapolate_x0(
+        self, x0: torch.Tensor, x0_before: torch.Tensor, t_before: int, t: int, t_prev: int
+    ) -> torch.Tensor:
         """DPM-Solver++(2M)'s estimate of ``x_0`` for the step ``t -> t_prev`` (Lu et al. 2022, Algorithm 2).
 
         ``x0`` and ``x0_before`` were predicted at ``t`` and at the step before, ``t_before``. Taken as a
