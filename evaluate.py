@@ -2,7 +2,7 @@
 
     python evaluate.py --checkpoint checkpoints/ddpm_500_32.pt --data-root DATA
     python evaluate.py --checkpoint C --guidance 0 1 2 4 --steps 10 20 50     # one row per combination
-    python evaluate.py --checkpoint C --sampler ddpm dpm++ ddim --steps 20     # all 500 steps vs 20 of the others
+    python evaluate.py --checkpoint C --sampler ddpm dpm++ ddim --steps 20     # all T steps vs 20 of the others
     python evaluate.py --npz out.npz --data-root DATA                          # digits written by sample.py
 
 For each row, ``--n`` digits of every class are generated (the same digits ``sample.py --n N`` would draw
