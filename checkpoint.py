@@ -1,7 +1,9 @@
 """The checkpoint: one dict with model, EMA, optimizer, config, epoch and loss history.
 
 ``sample.py`` rebuilds the network from the stored ``config`` alone and loads with
-``torch.load(..., weights_only=True)``, so a checkpoint never runs code when read.
+``torch.load(..., weights_only=True)``, so a checkpoint never runs code when read. The config is
+stored as a plain dict (:meth:`config.Config.to_dict`); version-1 checkpoints, whose config was one
+flat dict, still load.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ from typing import Any
 
 import torch
 
-from cli import UsageError, atomic_write
+from config import Config, UsageError
 from ddpm import DDPM
+from fileio import atomic_write
 from unet import ContextUnet
 
 FORMAT = "conditional-ddpm-mnist"
-VERSION = 1
-REQUIRED_CONFIG = ("in_channels", "n_feat", "n_classes", "T", "beta_start", "beta_end", "p_uncond")
+VERSION = 2  # 2: the config is nested (model, diffusion, training); 1: one flat dict
+READS = (1, 2)
+REQUIRED_V1 = ("in_channels", "n_feat", "n_classes", "T", "beta_start", "beta_end", "p_uncond")
 
 
 def run_tag(T: int, n_feat: int, dataset: str = "mnist") -> str:
@@ -31,21 +35,25 @@ def checkpoint_path(out_dir: str, T: int, n_feat: int, dataset: str = "mnist") -
     return os.path.join(out_dir, "checkpoints", f"ddpm_{run_tag(T, n_feat, dataset)}.pt")
 
 
-def build_ddpm(config: dict[str, Any]) -> DDPM:
+def build_ddpm(config: Config) -> DDPM:
     """A fresh (untrained) DDPM with the network and schedule described by ``config``."""
-    model = ContextUnet(config["in_channels"], config["n_feat"], config["n_classes"])
-    return DDPM(model, config["T"], config["beta_start"], config["beta_end"], config["p_uncond"])
+    m, d = config.model, config.diffusion
+    model = ContextUnet(m.in_channels, m.n_feat, m.n_classes, m.image_size)
+    return DDPM(model, d.T, d.beta_start, d.beta_end, config.training.p_uncond)
 
 
-def save_checkpoint(path: str, **fields: Any) -> None:
-    """Write ``{format, version, **fields}`` atomically (temp file + rename)."""
+def save_checkpoint(path: str, config: Config, **fields: Any) -> None:
+    """Write ``{format, version, config, **fields}`` atomically (temp file + rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    payload = {"format": FORMAT, "version": VERSION, **fields}
+    payload = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), **fields}
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
-    """Read and check a checkpoint; any problem is a one-line :class:`UsageError`."""
+    """Read and check a checkpoint; ``ckpt["config"]`` comes back as a :class:`Config`.
+
+    Any problem is a one-line :class:`UsageError`.
+    """
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path!r}; train one with 'python train.py' or pass --checkpoint PATH")
     try:
@@ -55,12 +63,17 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         raise UsageError(f"cannot read checkpoint {path!r} (corrupt or not a PyTorch file: {first[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UsageError(f"{path!r} is not a checkpoint written by train.py")
-    if ckpt.get("version") != VERSION:
-        raise UsageError(f"{path!r} has checkpoint version {ckpt.get('version')}, this code reads {VERSION}")
-    config = ckpt.get("config")
-    if not isinstance(config, dict) or any(key not in config for key in REQUIRED_CONFIG):
+    if ckpt.get("version") not in READS:
+        raise UsageError(f"{path!r} has checkpoint version {ckpt.get('version')}, this code reads "
+                         f"{' and '.join(map(str, READS))}")
+    stored = ckpt.get("config")
+    if not isinstance(stored, dict) or (ckpt["version"] == 1 and any(key not in stored for key in REQUIRED_V1)):
         raise UsageError(f"{path!r} has no usable config; it was not written by this train.py")
-    return ckpt
+    try:
+        config = Config.from_dict(stored).validate()
+    except (TypeError, UsageError) as err:
+        raise UsageError(f"{path!r} has no usable config ({err})") from None
+    return {**ckpt, "config": config}
 
 
 def load_sampler(path: str, device: torch.device, weights: str = "ema") -> tuple[DDPM, dict[str, Any]]:

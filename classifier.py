@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cli import ArgumentParser, atomic_write, ensure_writable_dir, positive_int, run_cli
+from cli import ArgumentParser, positive_int, run_cli
 from data import DATASETS, load_dataset
+from fileio import atomic_write, ensure_writable_dir
 
 
 class Classifier(nn.Module):
@@ -93,7 +94,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 1
 
 def fingerprint(root: str, dataset: str = "mnist") -> str:
     """Names, sizes and modification times of the training files: changes when the data changes."""
-    raw = os.path.join(root, DATASETS[dataset][1], "raw")
+    raw = os.path.join(root, DATASETS[dataset].folder, "raw")
     entries = sorted(f for f in os.listdir(raw) if f.startswith("train")) if os.path.isdir(raw) else []
     return ";".join(f"{f}:{os.path.getsize(os.path.join(raw, f))}:{int(os.path.getmtime(os.path.join(raw, f)))}"
                     for f in entries)

@@ -1,23 +1,29 @@
-"""Shared command-line plumbing: one-line errors with exit status 2, argument types, device choice."""
+"""Command-line plumbing shared by the scripts: argument types, the sampling flags, device choice, one-line errors."""
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import sys
-import tempfile
 from typing import Any, Callable, Sequence
 
 import torch
 
-
-class UsageError(Exception):
-    """Bad input. Reported as one line on stderr with exit status 2, never as a traceback."""
+from config import RULES, UsageError
+from ddpm import DEFAULT_SAMPLER, SAMPLERS, eta_samplers, fewer_step_samplers, sampler_class
+from generation import Sampling
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """An ``argparse`` parser whose errors are :class:`UsageError` (one line) instead of usage + exit."""
+    """An ``argparse`` parser whose errors are :class:`UsageError` (one line) instead of usage + exit.
+
+    ``examples`` are printed at the end of ``--help``.
+    """
+
+    def __init__(self, *args: Any, examples: Sequence[str] = (), **kwargs: Any) -> None:
+        if examples:
+            kwargs.setdefault("epilog", "examples:\n" + "\n".join(f"  {line}" for line in examples))
+            kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message} (see --help)")
@@ -35,8 +41,9 @@ def run_cli(prog: str, body: Callable[[Sequence[str] | None], int], argv: Sequen
         return 130
 
 
-def _bounded(convert: Callable[[str], Any], ok: Callable[[Any], bool], wanted: str) -> Callable[[str], Any]:
-    """An argparse type: ``convert(text)``, accepted only when ``ok(value)``."""
+def typed(rule: str) -> Callable[[str], Any]:
+    """An argparse type for one of ``config.RULES``: the value, or an error saying what was expected."""
+    convert, ok, wanted = RULES[rule]
 
     def parse(text: str) -> Any:
         try:
@@ -50,10 +57,10 @@ def _bounded(convert: Callable[[str], Any], ok: Callable[[Any], bool], wanted: s
     return parse
 
 
-positive_int = _bounded(int, lambda v: v >= 1, "a positive integer")
-non_negative_int = _bounded(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _bounded(float, lambda v: 0 < v < math.inf, "a positive number")
-non_negative_float = _bounded(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+positive_int = typed("positive_int")
+non_negative_int = typed("non_negative_int")
+positive_float = typed("positive_float")
+non_negative_float = typed("non_negative_float")
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -79,71 +86,32 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
-def ensure_writable_dir(path: str, what: str) -> None:
-    """Create ``path`` if needed and prove a file can be written there, before any work starts."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise UsageError(f"cannot write to {what} {path!r}: {err.strerror or err}; choose another {what}") from None
+def sampler_help() -> str:
+    """The ``--sampler`` help, from the registry: every sampler's summary and the default."""
+    default = sampler_class(DEFAULT_SAMPLER)
+    listed = "; ".join(f"{name}: {cls.summary}" for name, cls in SAMPLERS.items())
+    return f"{listed} (default: {DEFAULT_SAMPLER}, {default.default_steps} steps, eta {default.default_eta:g})"
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, then rename over ``path``: readers never see a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# The sampler used when none is asked for, chosen by measurement (see the README's quality section):
-# DPM-Solver++(2M) on 20 timesteps with eta = 1 (ancestral-style noise). On the CPU-preset model it
-# matches the full 500-step ancestral sampler's accuracy and FID in about 1/22 of the time, where 20 DDIM
-# steps left the FID 9-30% higher. Deterministic sampling (eta = 0) left speckle noise in its digits.
-DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_ETA = "dpm++", 20, 1.0
-STEPS_ERROR = "--steps is for --sampler ddim or dpm++; the ddpm sampler always takes all T steps"
-
-
-def resolve_sampler(sampler: str | None, steps: int | None, T: int) -> dict[str, Any]:
-    """``--sampler``/``--steps`` -> keyword arguments of ``DDPM.sample``.
-
-    ``--steps`` alone keeps the default few-step sampler (dpm++).
-    """
-    sampler = sampler or DEFAULT_SAMPLER
-    if sampler == "ddpm":
-        if steps is not None:
-            raise UsageError(STEPS_ERROR)
-        return {"sampler": "ddpm"}
-    if steps is None:
-        steps = min(DEFAULT_STEPS, T)
-    if steps > T:
-        raise UsageError(f"--steps must be at most T={T} for this checkpoint, got {steps}")
-    return {"sampler": sampler, "steps": steps}
-
-
-def describe_sampler(how: dict[str, Any]) -> str:
-    return "ddpm (all T steps)" if how["sampler"] == "ddpm" else f"{how['sampler']} {how['steps']} steps"
-
-
-def add_generation_args(p: argparse.ArgumentParser) -> None:
-    """The options ``sample.py`` and ``evaluate.py`` share for how digits are generated."""
-    p.add_argument("--eta", type=non_negative_float, default=DEFAULT_ETA,
-                   help="noise of the ddim and dpm++ samplers: 0 deterministic, 1 ancestral-like (default 1)")
+def add_sampling_args(p: argparse.ArgumentParser, many: bool = False) -> None:
+    """The flags that say how images are generated (``sample.py``, ``evaluate.py``); ``many``: lists of them."""
+    nargs = "+" if many else None
+    p.add_argument("--sampler", choices=list(SAMPLERS), nargs=nargs, help=sampler_help())
+    p.add_argument("--steps", type=positive_int, nargs=nargs,
+                   help=f"steps of {' or '.join(fewer_step_samplers())} (default: the sampler's own)")
+    p.add_argument("--eta", type=non_negative_float,
+                   help=f"noise of {' and '.join(eta_samplers())}: 0 deterministic, 1 ancestral-like (default 1)")
+    p.add_argument("--guidance", type=non_negative_float, nargs=nargs, default=[2.0] if many else 2.0,
+                   help="classifier-free guidance scale s: 0 unconditional, 1 conditional (default 2)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast: faster on GPUs and CPUs with bf16 units")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     p.add_argument("--batch-size", type=positive_int, default=100, help="images generated at once (default 100)")
+
+
+def sampling_from_args(args: argparse.Namespace, T: int) -> Sampling:
+    """The :class:`Sampling` that single-valued sampling flags ask for, checked against ``T``.
+
+    ``--steps`` alone keeps the default sampler.
+    """
+    return Sampling(args.sampler or DEFAULT_SAMPLER, args.steps, args.eta, args.guidance, args.amp).resolve(T)

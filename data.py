@@ -1,9 +1,12 @@
 """Data in and images out: the two places where pixels change range.
 
-* In: :func:`load_dataset` reads MNIST through torchvision as a ``uint8`` tensor, and
-  :func:`to_model_range` maps a batch to floats in ``[-1, 1]``, the range of ``ddpm.py``.
+* In: :func:`load_dataset` reads a data set of :data:`DATASETS` through torchvision as a ``uint8``
+  tensor, :func:`batches` walks it in a seeded order, and :func:`to_model_range` maps a batch to
+  floats in ``[-1, 1]``, the range of ``ddpm.py``.
 * Out: :func:`to_uint8` maps model output back to ``uint8`` (white digit on black, like
   MNIST), and :func:`save_grid` writes a PNG grid with dark digits on white.
+
+Images are ``(N, H, W)`` for one channel (MNIST's own layout) and ``(N, C, H, W)`` for more.
 """
 
 from __future__ import annotations
@@ -11,24 +14,37 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 import torchvision
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
-from cli import UsageError, atomic_write
+from config import UsageError
+from fileio import atomic_write, write_bytes
 
-# dataset name -> (torchvision class, its folder under the data root)
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A data set torchvision reads: its class, its folder under the data root, and the shape of its images."""
+
+    torchvision_class: type
+    folder: str
+    class_names: tuple[str, ...]
+    image_size: int = 28
+    channels: int = 1
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+
 DATASETS = {
-    "mnist": (torchvision.datasets.MNIST, "MNIST"),
-    "fashion-mnist": (torchvision.datasets.FashionMNIST, "FashionMNIST"),
-}
-# names of the classes 0..9, as grids and messages show them
-CLASS_NAMES = {
-    "mnist": [str(k) for k in range(10)],
-    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    "mnist": DatasetInfo(torchvision.datasets.MNIST, "MNIST", tuple(str(k) for k in range(10))),
+    "fashion-mnist": DatasetInfo(torchvision.datasets.FashionMNIST, "FashionMNIST", (
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")),
 }
 RAW_FILES = (
     "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
@@ -38,13 +54,13 @@ RAW_FILES = (
 def load_dataset(
     root: str, train: bool = True, download: bool = True, name: str = "mnist"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read a split with torchvision: ``images (N, 28, 28) uint8``, ``labels (N,) int64``.
+    """Read a split with torchvision: ``images (N, H, W) uint8``, ``labels (N,) int64``.
 
     Nothing is downloaded when the files (or their ``.gz``, which are unpacked in place) are
     already in ``<root>/<folder>/raw``; when they are missing and cannot be downloaded, a
     :class:`UsageError` says where to put them.
     """
-    cls, folder = DATASETS[name]
+    cls, folder = DATASETS[name].torchvision_class, DATASETS[name].folder
     raw = os.path.join(root, folder, "raw")
     _unpack_local_gz(raw)
     missing = (
@@ -90,36 +106,60 @@ def _download(cls: type, root: str, train: bool, missing: str) -> torchvision.da
 def write_idx(path: str, array: torch.Tensor) -> None:
     """Write a uint8 tensor in the IDX format MNIST ships in (big-endian sizes, magic 0x08 = unsigned byte)."""
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
-    atomic_write(path, lambda tmp: _write_bytes(tmp, header + array.to(torch.uint8).contiguous().numpy().tobytes()))
+    atomic_write(path, lambda tmp: write_bytes(tmp, header + array.to(torch.uint8).contiguous().numpy().tobytes()))
 
 
-def _write_bytes(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
+def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
+            on_device: bool = True, device: torch.device | None = None,
+            part: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of ``(uint8 images, int64 labels)`` in a seeded random order.
+
+    ``on_device``: index the tensors where they are; otherwise a ``DataLoader`` collates each batch on the CPU
+    and it is copied to ``device``. ``part`` keeps this process's slice of each batch's indices (all of
+    them in a single process; see ``distributed.Replicas``).
+    """
+    order = torch.randperm(len(images), generator=generator)
+    indices = [order[start:start + batch_size] for start in range(0, len(images), batch_size)]
+    indices = [part(index) for index in indices] if part else indices
+    if on_device:
+        for index in indices:
+            index = index.to(images.device)
+            yield images[index], labels[index]
+        return
+    dataset = torch.utils.data.TensorDataset(images.cpu(), labels.cpu())
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[index.tolist() for index in indices])
+    for x, y in loader:
+        yield x.to(device or images.device), y.to(device or images.device)
 
 
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """``uint8 (B, 28, 28)`` in ``[0, 255]`` -> ``float (B, 1, 28, 28)`` in ``[-1, 1]``."""
-    return images.unsqueeze(1).float().div(127.5).sub(1.0)
+def to_model_range(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """``uint8 (B, H, W)`` or ``(B, C, H, W)`` in ``[0, 255]`` -> ``float (B, C, H, W)`` in ``[-1, 1]``."""
+    x = (images.unsqueeze(1) if images.ndim == 3 else images).float().div(127.5).sub(1.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Model output ``(B, 1, 28, 28)`` around ``[-1, 1]`` -> ``uint8 (B, 28, 28)``, white digit on black."""
-    return ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8).squeeze(1).cpu()
+    """Model output ``(B, C, H, W)`` around ``[-1, 1]`` -> ``uint8``, white digit on black.
+
+    One channel comes back as ``(B, H, W)``, MNIST's own layout; more stay ``(B, C, H, W)``.
+    """
+    pixels = ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8).cpu()
+    return pixels.squeeze(1) if pixels.shape[1] == 1 else pixels
 
 
 def grid_image(x: torch.Tensor, ncol: int = 10, header: list[str] | None = None) -> Image.Image:
-    """Images ``(B, 1, 28, 28)`` in ``[-1, 1]`` as one picture, ``ncol`` per row, dark on white.
+    """Images ``(B, C, H, W)`` in ``[-1, 1]`` as one picture, ``ncol`` per row, dark on white.
 
     With ``header`` (one name per column) the grid is drawn at twice the size under a row of names.
     """
     inverted = 255 - to_uint8(x)
-    grid = make_grid(inverted.unsqueeze(1), nrow=ncol, padding=2, pad_value=255)
-    image = Image.fromarray(grid[0].numpy(), mode="L")
+    inverted = inverted.unsqueeze(1) if inverted.ndim == 3 else inverted
+    grid = make_grid(inverted, nrow=ncol, padding=2, pad_value=255)
+    image = Image.fromarray(grid[0].numpy()) if x.shape[1] == 1 else Image.fromarray(grid.permute(1, 2, 0).numpy())
     if header is None:
         return image
     image = image.resize((image.width * 2, image.height * 2), Image.NEAREST)
-    framed = Image.new("L", (image.width, image.height + 16), 255)
+    framed = Image.new(image.mode, (image.width, image.height + 16), "white")
     framed.paste(image, (0, 16))
     draw, font, column = ImageDraw.Draw(framed), ImageFont.load_default(), image.width / ncol
     for k, name in enumerate(header):
@@ -128,7 +168,7 @@ def grid_image(x: torch.Tensor, ncol: int = 10, header: list[str] | None = None)
 
 
 def save_grid(x: torch.Tensor, path: str, ncol: int = 10, header: list[str] | None = None) -> None:
-    """Write :func:`grid_image` of ``x (B, 1, 28, 28)`` as a PNG (atomically)."""
+    """Write :func:`grid_image` of ``x (B, C, H, W)`` as a PNG (atomically)."""
     image = grid_image(x, ncol, header)
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 

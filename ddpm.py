@@ -1,9 +1,13 @@
 """Denoising diffusion (Ho et al. 2020, "DDPM"): noise schedule, training loss and samplers.
 
-Three samplers share one guided noise estimate: the ancestral sampler of DDPM (Algorithm 2,
-all ``T`` steps); DDIM (Song et al. 2020), which visits a sub-sequence of the timesteps; and
-DPM-Solver++(2M) (Lu et al. 2022), the same DDIM step with a second-order estimate of ``x_0``
-taken from the last two steps, which keeps its accuracy with far fewer steps.
+Samplers are small step objects (:class:`Sampler`), registered by name in :data:`SAMPLERS`, the one
+list the command-line choices, the defaults and the tests read. :meth:`DDPM.sample` is one loop for
+all of them: at each timestep it asks the network for the guided noise estimate and hands it to the
+sampler's ``step``. Three are registered: the ancestral sampler of DDPM (Algorithm 2, all ``T``
+steps); DDIM (Song et al. 2020), which visits a sub-sequence of the timesteps; and DPM-Solver++(2M)
+(Lu et al. 2022), the same DDIM step with a second-order estimate of ``x_0`` taken from the last two
+steps, which keeps its accuracy with far fewer steps. Adding one is a class and a line in
+:data:`SAMPLERS`.
 
 Notation follows the paper, with one difference written down once: timesteps are
 0-based. Integer ``t`` in ``[0, T-1]`` here is the paper's step ``t + 1``, so
@@ -31,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-SAMPLERS = ("ddpm", "ddim", "dpm++")
+# The sampler used when none is asked for: a name in SAMPLERS (below). Why this one is in the README.
+DEFAULT_SAMPLER = "dpm++"
 
 
 def linear_beta_schedule(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -59,7 +63,8 @@ class DDPM(nn.Module):
     """Wraps a noise-prediction network ``eps_model(x_t, t, labels)`` with the DDPM process.
 
     Args:
-        eps_model: network as in ``unet.ContextUnet`` (must expose ``null_label``).
+        eps_model: network as in ``unet.ContextUnet`` (must expose ``null_label``, ``in_channels`` and
+            ``image_size``).
         T: number of diffusion steps.
         beta_start, beta_end: ends of the linear beta schedule.
         p_uncond: probability of dropping a label during training.
@@ -79,6 +84,7 @@ class DDPM(nn.Module):
         if not 0 < beta_start <= beta_end < 1:
             raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
         self.eps_model, self.T, self.p_uncond = eps_model, T, p_uncond
+        self.image_shape = (eps_model.in_channels, eps_model.image_size, eps_model.image_size)
         for name, value in self.schedule(T, beta_start, beta_end).items():
             self.register_buffer(name, value.float(), persistent=False)
 
@@ -170,31 +176,11 @@ class DDPM(nn.Module):
         eps_cond, eps_uncond = eps.chunk(2)
         return eps_uncond + guidance * (eps_cond - eps_uncond)
 
-    def p_step(
-        self,
-        x: torch.Tensor,
-        t: int,
-        labels: torch.Tensor,
-        guidance: float,
-        z: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """One reverse step ``x_t -> x_{t-1}`` (Algorithm 2, line 4) with fresh noise ``z ~ N(0, I)``.
-
-        No noise is added at ``t = 0`` (nor when ``z`` is ``None``).
-        """
-        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = self.guided_eps(x, t_batch, labels, guidance)
-        mean = self.sqrt_recip_alphas[t] * (x - self.eps_coef[t] * eps)
-        if t == 0 or z is None:
-            return mean
-        return mean + self.posterior_variance[t].sqrt() * z
-
     def ddim_timesteps(self, steps: int) -> list[int]:
         """``steps`` distinct timesteps from ``T-1`` down to ``0`` (``1 <= steps <= T``).
 
         Spaced quadratically (Song et al. 2020, Appendix D.2): dense near ``t = 0``, where the
-        details of a digit form. (For 20 DDIM steps on the CPU-preset model, even spacing did as
-        well; see the README's quality section.)
+        details of a digit form.
         """
         if not 1 <= steps <= self.T:
             raise ValueError(f"steps must be between 1 and T={self.T}, got {steps}")
@@ -208,22 +194,29 @@ class DDPM(nn.Module):
             timesteps[i] = min(timesteps[i], self.T - steps + i)
         return timesteps[::-1]
 
-    def predict_x0(
-        self, x: torch.Tensor, t: int, labels: torch.Tensor, guidance: float, clip_x0: bool = True
-    ) -> torch.Tensor:
-        """The clean image implied by the guided noise estimate (eq. 15): ``(x_t - sqrt(1 - a_bar) eps) / sqrt(a_bar)``.
+    def predict_x0(self, x: torch.Tensor, eps: torch.Tensor, t: int, clip_x0: bool = True) -> torch.Tensor:
+        """The clean image implied by a noise estimate (eq. 15): ``(x_t - sqrt(1 - a_bar) eps) / sqrt(a_bar)``.
 
         ``clip_x0`` clamps it to the data range ``[-1, 1]``, as the reference implementations do: at high
         noise ``1 / sqrt(a_bar)`` magnifies small errors in eps, and a deterministic sampler never washes
         them out.
         """
-        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = self.guided_eps(x, t_batch, labels, guidance)
         x0 = (x - self.sqrt_one_minus_alphas_cumprod[t] * eps) / self.sqrt_alphas_cumprod[t]
         return x0.clamp(-1.0, 1.0) if clip_x0 else x0
 
+    def posterior_step(self, x: torch.Tensor, eps: torch.Tensor, t: int, z: torch.Tensor | None) -> torch.Tensor:
+        """Algorithm 2, line 4: ``x_{t-1} = (x_t - beta_t / sqrt(1 - a_bar_t) eps) / sqrt(alpha_t) + sigma_t z``.
+
+        ``sigma_t^2`` is the posterior variance ``beta_tilde_t`` (eq. 7), zero at ``t = 0``; no noise is added
+        when ``z`` is ``None``.
+        """
+        mean = self.sqrt_recip_alphas[t] * (x - self.eps_coef[t] * eps)
+        if t == 0 or z is None:
+            return mean
+        return mean + self.posterior_variance[t].sqrt() * z
+
     def ddim_update(
-        self, x: torch.Tensor, x0: torch.Tensor, t: int, t_prev: int, eta: float = 0.0, z: torch.Tensor | None = None
+        self, x: torch.Tensor, x0: torch.Tensor, t: int, t_prev: int, eta: float, z: torch.Tensor | None = None
     ) -> torch.Tensor:
         """DDIM's step ``x_t -> x_{t_prev}`` (Song et al. 2020, eq. 12) given an estimate ``x0`` of the clean image.
 
@@ -239,23 +232,6 @@ class DDPM(nn.Module):
             return x_prev
         return x_prev + sigma * z
 
-    def ddim_step(
-        self,
-        x: torch.Tensor,
-        t: int,
-        t_prev: int,
-        labels: torch.Tensor,
-        guidance: float,
-        eta: float = 0.0,
-        z: torch.Tensor | None = None,
-        clip_x0: bool = True,
-    ) -> torch.Tensor:
-        """One DDIM step ``x_t -> x_{t_prev}``: :meth:`ddim_update` with this step's :meth:`predict_x0`.
-
-        ``eta = 1`` with every timestep and ``clip_x0=False`` is exactly the ancestral step of Algorithm 2.
-        """
-        return self.ddim_update(x, self.predict_x0(x, t, labels, guidance, clip_x0), t, t_prev, eta, z)
-
     def extrapolate_x0(
         self, x0: torch.Tensor, x0_before: torch.Tensor, t_before: int, t: int, t_prev: int
     ) -> torch.Tensor:
@@ -269,31 +245,6 @@ class DDPM(nn.Module):
         r = (lam[t] - lam[t_before]) / (lam[t_prev] - lam[t])
         return x0 + (x0 - x0_before) / (2 * r)
 
-    def dpm_step(
-        self,
-        x: torch.Tensor,
-        t: int,
-        t_prev: int,
-        labels: torch.Tensor,
-        guidance: float,
-        before: tuple[int, torch.Tensor] | None = None,
-        eta: float = 1.0,
-        z: torch.Tensor | None = None,
-        clip_x0: bool = True,
-    ) -> tuple[torch.Tensor, tuple[int, torch.Tensor]]:
-        """One DPM-Solver++(2M) step ``x_t -> x_{t_prev}``: a DDIM step on :meth:`extrapolate_x0`.
-
-        ``before`` is ``(t_before, x0_before)`` as returned by the previous step (``None`` on the first).
-        The first and the last step (to ``x_0``) are plain DDIM. With ``eta = 1`` this is the stochastic
-        solver of Lu et al. (their "SDE-DPM-Solver++(2M)"), with ``eta = 0`` the deterministic one.
-        Returns ``x_{t_prev}`` and ``(t, x0)`` for the next step.
-        """
-        x0 = self.predict_x0(x, t, labels, guidance, clip_x0)
-        estimate = x0
-        if before is not None and t_prev >= 0:
-            estimate = self.extrapolate_x0(x0, before[1], before[0], t, t_prev)
-        return self.ddim_update(x, estimate, t, t_prev, eta, z), (t, x0)
-
     @torch.inference_mode()
     def sample(
         self,
@@ -302,48 +253,157 @@ class DDPM(nn.Module):
         generator: torch.Generator | None = None,
         return_trajectory: bool = False,
         progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
-        sampler: str = "ddpm",
+        sampler: str = DEFAULT_SAMPLER,
         steps: int | None = None,
-        eta: float = 0.0,
+        eta: float | None = None,
         clip_x0: bool = True,
         shared_noise: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Generate images for any labels ``(B,)``.
+        """Generate images for any labels ``(B,)`` (or class weights ``(B, K + 1)``) with a registered sampler.
 
-        ``sampler="ddpm"``: ancestral sampling over all ``T`` steps (Algorithm 2).
-        ``sampler="ddim"``: DDIM over ``steps`` timesteps (default 50, at most ``T``) with noise scale
-        ``eta``, clipping the predicted ``x_0`` to ``[-1, 1]`` unless ``clip_x0`` is false.
-        ``sampler="dpm++"``: DPM-Solver++(2M) on the same timesteps, with the same ``eta`` and clipping.
-        Returns ``x_0`` of shape ``(B, C, 28, 28)`` in roughly ``[-1, 1]`` (not clipped); with
-        ``return_trajectory`` also every state from ``x_T`` to ``x_0`` as ``(S + 1, B, C, 28, 28)`` on the CPU.
-        ``progress`` may wrap the step iterator (e.g. ``tqdm``). ``shared_noise`` gives every image the
-        same starting noise and the same noise at every step, so that the images differ only by label.
+        ``sampler`` names a class in :data:`SAMPLERS`; ``steps`` and ``eta`` left ``None`` take its defaults.
+        ``clip_x0`` is passed to samplers that estimate ``x_0``. Returns ``x_0 (B, C, H, W)`` in roughly
+        ``[-1, 1]`` (not clipped); with ``return_trajectory`` also every state from ``x_T`` to ``x_0`` as
+        ``(S + 1, B, C, H, W)`` on the CPU. ``progress`` may wrap the step iterator (e.g. ``tqdm``).
+        ``shared_noise`` gives every image the same noise at the start and at every step, so that the images
+        differ only by label. The loop is Algorithm 2's: estimate the noise, take a step, add fresh noise
+        except on the last step.
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
-        timesteps = list(range(self.T - 1, -1, -1)) if sampler == "ddpm" else self.ddim_timesteps(steps or 50)
-        shape = (labels.shape[0], self.eps_model.in_channels, 28, 28)
+        solver = make_sampler(sampler, self, steps, eta, clip_x0)
+        shape = (labels.shape[0], *self.image_shape)
 
-        def noise() -> torch.Tensor:  # z ~ N(0, I), drawn only for steps that add noise
+        def noise() -> torch.Tensor:  # z ~ N(0, I)
             if shared_noise:
                 return _randn((1, *shape[1:]), labels.device, generator).expand(shape)
             return _randn(shape, labels.device, generator)
 
         x = noise()
-        before = None  # (t, predicted x_0) of the previous dpm++ step
         trajectory = [x.cpu()] if return_trajectory else None
-        pairs: Iterable[tuple[int, int]] = list(zip(timesteps, timesteps[1:] + [-1]))
+        pairs = list(zip(solver.timesteps, solver.timesteps[1:] + [-1]))
         for t, t_prev in progress(pairs) if progress else pairs:
-            if sampler == "ddpm":
-                x = self.p_step(x, t, labels, guidance, noise() if t > 0 else None)
-            else:
-                z = noise() if eta > 0 and t_prev >= 0 else None
-                if sampler == "ddim":
-                    x = self.ddim_step(x, t, t_prev, labels, guidance, eta, z, clip_x0)
-                else:
-                    x, before = self.dpm_step(x, t, t_prev, labels, guidance, before, eta, z, clip_x0)
+            eps = self.guided_eps(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), labels, guidance)
+            x = solver.step(x, eps, t, t_prev, noise() if solver.adds_noise(t_prev) else None)
             if trajectory is not None:
                 trajectory.append(x.cpu())
-        if trajectory is not None:
-            return x, torch.stack(trajectory)
-        return x
+        return (x, torch.stack(trajectory)) if trajectory is not None else x
+
+
+class Sampler:
+    """One way to walk the reverse process, made for one run (in the spirit of diffusers' schedulers).
+
+    It knows its ``timesteps`` (from ``T - 1`` down to ``0``) and takes one step ``x_t -> x_{t_prev}``
+    from the guided noise estimate ``eps`` (``t_prev = -1``: to ``x_0``); it may keep state between steps.
+    Subclasses set ``name``, ``summary`` and their defaults: ``default_steps`` (``None``: every one of the
+    ``T`` timesteps, and no other count) and ``default_eta`` (``None``: the sampler takes no ``eta``).
+    """
+
+    name = ""
+    summary = ""
+    default_steps: int | None = 20
+    default_eta: float | None = 1.0
+
+    def __init__(self, ddpm: DDPM, steps: int | None = None, eta: float | None = None, clip_x0: bool = True) -> None:
+        self.ddpm, self.clip_x0 = ddpm, clip_x0
+        self.steps, self.eta = self.settings(steps, eta, ddpm.T)
+        self.timesteps = self.make_timesteps()
+
+    @classmethod
+    def settings(cls, steps: int | None, eta: float | None, T: int) -> tuple[int, float | None]:
+        """``(steps, eta)`` with the defaults filled in for a schedule of ``T`` steps; ``ValueError`` if invalid."""
+        if cls.default_steps is None and steps not in (None, T):
+            raise ValueError(f"the {cls.name} sampler always takes all T steps; "
+                             f"steps are for {', '.join(fewer_step_samplers())}")
+        if cls.default_eta is None and eta is not None:
+            raise ValueError(f"the {cls.name} sampler takes no eta; eta is for {', '.join(eta_samplers())}")
+        if steps is not None and not 1 <= steps <= T:
+            raise ValueError(f"steps must be at most T={T} for this model, got {steps}")
+        default = T if cls.default_steps is None else min(cls.default_steps, T)
+        return steps or default, cls.default_eta if eta is None else eta
+
+    def make_timesteps(self) -> list[int]:
+        return self.ddpm.ddim_timesteps(self.steps)
+
+    def adds_noise(self, t_prev: int) -> bool:
+        """Whether the step to ``t_prev`` takes fresh noise ``z`` (never the last step)."""
+        return t_prev >= 0 and bool(self.eta)
+
+    def step(self, x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, z: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls, steps: int) -> str:
+        return f"{cls.name} (all T steps)" if cls.default_steps is None else f"{cls.name} {steps} steps"
+
+
+class Ancestral(Sampler):
+    """Algorithm 2 of Ho et al. 2020 over every timestep, with the posterior's noise."""
+
+    name, summary = "ddpm", "ancestral sampling over all T steps (Algorithm 2)"
+    default_steps, default_eta = None, None
+
+    def make_timesteps(self) -> list[int]:
+        return list(range(self.ddpm.T - 1, -1, -1))
+
+    def adds_noise(self, t_prev: int) -> bool:
+        return t_prev >= 0
+
+    def step(self, x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, z: torch.Tensor | None) -> torch.Tensor:
+        return self.ddpm.posterior_step(x, eps, t, z)
+
+
+class DDIM(Sampler):
+    """DDIM (Song et al. 2020, eq. 12) on a quadratically spaced sub-sequence of the timesteps.
+
+    With every timestep, ``eta = 1`` and ``clip_x0=False`` its step is exactly the ancestral one.
+    """
+
+    name, summary = "ddim", "DDIM over --steps timesteps"
+
+    def step(self, x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, z: torch.Tensor | None) -> torch.Tensor:
+        return self.ddpm.ddim_update(x, self.ddpm.predict_x0(x, eps, t, self.clip_x0), t, t_prev, self.eta, z)
+
+
+class DPMSolverPP2M(Sampler):
+    """DPM-Solver++(2M) (Lu et al. 2022): DDIM's step on :meth:`DDPM.extrapolate_x0`'s second-order ``x_0``.
+
+    The first and the last step (to ``x_0``) are plain DDIM. With ``eta = 1`` this is the stochastic
+    solver of Lu et al. (their "SDE-DPM-Solver++(2M)"), with ``eta = 0`` the deterministic one.
+    """
+
+    name, summary = "dpm++", "DPM-Solver++(2M) over --steps timesteps"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.before: tuple[int, torch.Tensor] | None = None  # (t, predicted x_0) of the previous step
+
+    def step(self, x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, z: torch.Tensor | None) -> torch.Tensor:
+        x0 = self.ddpm.predict_x0(x, eps, t, self.clip_x0)
+        estimate = x0
+        if self.before is not None and t_prev >= 0:
+            estimate = self.ddpm.extrapolate_x0(x0, self.before[1], self.before[0], t, t_prev)
+        self.before = (t, x0)
+        return self.ddpm.ddim_update(x, estimate, t, t_prev, self.eta, z)
+
+
+# The registry, name -> sampler class: the one list the command lines, their defaults and the tests read.
+SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (Ancestral, DDIM, DPMSolverPP2M)}
+
+
+def fewer_step_samplers() -> list[str]:
+    return [name for name, cls in SAMPLERS.items() if cls.default_steps is not None]
+
+
+def eta_samplers() -> list[str]:
+    return [name for name, cls in SAMPLERS.items() if cls.default_eta is not None]
+
+
+def sampler_class(name: str) -> type[Sampler]:
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {name!r}")
+    return SAMPLERS[name]
+
+
+def make_sampler(name: str, ddpm: DDPM, steps: int | None = None, eta: float | None = None,
+                 clip_x0: bool = True) -> Sampler:
+    """The registered sampler ``name`` for one run on ``ddpm``."""
+    return sampler_class(name)(ddpm, steps, eta, clip_x0)

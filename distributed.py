@@ -89,3 +89,29 @@ def sum_over_ranks(x: torch.Tensor, shard: Shard) -> torch.Tensor:
         x = x.clone()
         dist.all_reduce(x)
     return x
+
+
+class Replicas:
+    """The model as training calls it, and the bookkeeping that makes N processes train as one.
+
+    In a single process ``module`` is the DDPM itself and every method is the identity. With several,
+    each rank holds a slice of every global batch: the module is DDP-wrapped, each rank's loss is
+    weighted by its share of the batch before ``backward`` (DDP then averages the gradients), and the
+    reported loss is that share, to be summed over ranks (:func:`sum_over_ranks`).
+    """
+
+    def __init__(self, ddpm: nn.Module, shard: Shard = SINGLE, device: torch.device | None = None) -> None:
+        self.shard = shard
+        self.module = wrap(ddpm, shard, device or torch.device("cpu"))
+
+    def part(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a tensor that spans the global batch."""
+        return self.shard.part(x)
+
+    def backward(self, loss: torch.Tensor, mine: int, batch: int) -> None:
+        """Back-propagate this rank's mean loss over ``mine`` of the ``batch`` images."""
+        (loss * (mine / batch * self.shard.world)).backward()
+
+    def share(self, loss: torch.Tensor, mine: int, batch: int) -> torch.Tensor:
+        """This rank's share of the global mean loss (the loss itself in a single process)."""
+        return (loss * (mine / batch)).detach()

@@ -30,11 +30,11 @@ import torch
 
 import classifier as clf
 from checkpoint import load_sampler, newest_checkpoint
-from cli import ArgumentParser, UsageError, add_generation_args, describe_sampler, non_negative_float, pick_device
-from cli import DEFAULT_SAMPLER, DEFAULT_STEPS, STEPS_ERROR, positive_int, resolve_sampler, run_cli
+from cli import ArgumentParser, add_sampling_args, pick_device, positive_int, run_cli
+from config import UsageError
 from data import load_dataset, to_uint8
-from ddpm import DDPM, SAMPLERS
-from sample import generate, requested_labels
+from ddpm import DDPM, DEFAULT_SAMPLER, SAMPLERS
+from generation import Sampling, generate, requested_labels
 
 
 def gaussian_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +89,7 @@ class Reference:
         images, labels = load_dataset(data_root, train=True, download=False, name=dataset)
         generator = torch.Generator().manual_seed(seed)
         picks = []
-        for k in range(10):
+        for k in labels.unique().tolist():
             index = (labels == k).nonzero().flatten()
             picks.append(index[torch.randperm(len(index), generator=generator)[:n_per_class]])
         pick = torch.cat(picks)
@@ -111,14 +111,17 @@ class Reference:
         }
 
 
-def sampler_settings(samplers: list[str] | None, steps: list[int] | None, T: int) -> list[dict[str, Any]]:
-    """Every sampler row asked for: ddpm once, ddim and dpm++ once per ``--steps`` value."""
-    if steps and samplers and set(samplers) == {"ddpm"}:
-        raise UsageError(STEPS_ERROR)
+def sampler_settings(args: argparse.Namespace, T: int) -> list[Sampling]:
+    """Every row asked for: each sampler (once per ``--steps`` value if it takes steps) at each guidance scale."""
+    samplers = args.sampler or [DEFAULT_SAMPLER]
+    takes_steps = [name for name in samplers if SAMPLERS[name].default_steps is not None]
+    if args.steps and not takes_steps:  # let the sampler say why it takes no --steps
+        Sampling(samplers[0], args.steps[0]).resolve(T)
     rows = []
-    for sampler in samplers or [None]:
-        for n_steps in ([None] if sampler == "ddpm" or not steps else steps):
-            rows.append(resolve_sampler(sampler, n_steps, T))
+    for name in samplers:
+        for steps in (args.steps or [None]) if name in takes_steps else [None]:
+            eta = args.eta if SAMPLERS[name].default_eta is not None else None
+            rows += [Sampling(name, steps, eta, guidance, args.amp).resolve(T) for guidance in args.guidance]
     return rows
 
 
@@ -140,11 +143,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="checkpoint file, or a folder whose newest ddpm_*.pt is used (default ./checkpoints)")
     source.add_argument("--npz", help="score the digits in this sample.py --npz file instead of generating")
     p.add_argument("--n", type=positive_int, default=100, help="digits per class for each row (default 100)")
-    p.add_argument("--guidance", type=non_negative_float, nargs="+", default=[2.0], help="guidance scales (default 2)")
-    p.add_argument("--sampler", choices=SAMPLERS, nargs="+", help=f"samplers (default: {DEFAULT_SAMPLER})")
-    p.add_argument("--steps", type=positive_int, nargs="+",
-                   help=f"step counts of the ddim and dpm++ samplers (default {DEFAULT_STEPS})")
-    add_generation_args(p)
+    add_sampling_args(p, many=True)
     p.add_argument("--data-root", default="./data",
                    help="folder holding MNIST/raw (or FashionMNIST/raw), train and test (default ./data)")
     p.add_argument("--classifier-cache",
@@ -165,22 +164,25 @@ def read_npz(path: str) -> tuple[torch.Tensor, torch.Tensor, str]:
     return images, labels, dataset
 
 
-def _score_checkpoint(args: argparse.Namespace, model: clf.Classifier, ref: Reference, ddpm: DDPM,
-                      ckpt: dict[str, Any], path: str, device: torch.device) -> list[dict[str, Any]]:
-    settings = sampler_settings(args.sampler, args.steps, ddpm.T)
-    labels = requested_labels(None, args.n, ckpt["config"]["n_classes"])
-    print(f"checkpoint {path} (epoch {ckpt['epoch']}, T={ddpm.T}, n_feat={ckpt['config']['n_feat']})", file=sys.stderr)
-    rows = []
-    for how in settings:
-        for guidance in args.guidance:
-            started = time.perf_counter()
-            x = generate(ddpm, labels, guidance, args.seed, args.batch_size, device, args.amp, eta=args.eta, **how)
-            seconds = time.perf_counter() - started
-            row = {"name": describe_sampler(how) + (", bf16" if args.amp else ""), "guidance": guidance,
-                   **ref.score(model, to_uint8(x), labels), "seconds_per_1000": seconds / len(labels) * 1000}
-            print(format_table([row]).splitlines()[-1], file=sys.stderr, flush=True)
-            rows.append(row)
-    return rows
+def score_sampling(ddpm: DDPM, labels: torch.Tensor, how: Sampling, seed: int, batch_size: int,
+                   model: clf.Classifier, ref: Reference) -> dict[str, Any]:
+    """One table row: generate ``labels`` as ``how`` says, score them, and time the generation."""
+    started = time.perf_counter()
+    x = generate(ddpm, labels, how, seed, batch_size)
+    seconds = time.perf_counter() - started
+    return {"name": how.describe(), "guidance": how.guidance, **ref.score(model, to_uint8(x), labels),
+            "seconds_per_1000": seconds / len(labels) * 1000}
+
+
+def score_checkpoint(ddpm: DDPM, rows: list[Sampling], n: int, seed: int, batch_size: int,
+                     model: clf.Classifier, ref: Reference) -> list[dict[str, Any]]:
+    """A scored row per :class:`Sampling`, ``n`` images of every class each; printed as they finish."""
+    labels = requested_labels(None, n, ddpm.eps_model.n_classes)
+    scored = []
+    for how in rows:
+        scored.append(score_sampling(ddpm, labels, how, seed, batch_size, model, ref))
+        print(format_table(scored[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    return scored
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -189,17 +191,18 @@ def _main(argv: Sequence[str] | None) -> int:
         images, labels, dataset = read_npz(args.npz)
     else:
         path = newest_checkpoint(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
-        device = pick_device(args.device)
-        ddpm, ckpt = load_sampler(path, device)
-        sampler_settings(args.sampler, args.steps, ddpm.T)  # bad flags fail before any classifier training
-        dataset = ckpt["config"].get("dataset", "mnist")
+        ddpm, ckpt = load_sampler(path, pick_device(args.device))
+        settings = sampler_settings(args, ddpm.T)  # bad flags fail before any classifier training
+        dataset = ckpt["config"].dataset
     cache = args.classifier_cache or clf.default_cache(dataset)
     model, info = clf.load_or_train(args.data_root, cache, args.classifier_epochs, dataset)
     ref = Reference(model, args.data_root, args.n, args.seed, dataset)
     if args.npz:
         rows = [{"name": os.path.basename(args.npz), **ref.score(model, images, labels)}]
     else:
-        rows = _score_checkpoint(args, model, ref, ddpm, ckpt, path, device)
+        print(f"checkpoint {path} (epoch {ckpt['epoch']}, T={ddpm.T}, n_feat={ckpt['config'].model.n_feat})",
+              file=sys.stderr)
+        rows = score_checkpoint(ddpm, settings, args.n, args.seed, args.batch_size, model, ref)
     print(f"{dataset} classifier: {100 * info['test_accuracy']:.2f}% on {info['test_size']} test images "
           f"(trained on {info['train_size']}); FID and diversity in its 128-d feature space, "
           f"against the {info['test_size']} test images")

@@ -3,11 +3,12 @@
     python experiments.py --data-root DATA     # the ancestor's four: T 500 1000 x n_feat 128 256, 20 epochs
     python experiments.py --preset cpu --n-feat 16 32 --data-root DATA --images-dir images    # scaled down
 
-For every configuration this runs ``train.py`` (its per-epoch grids and loss plot land in --out-dir
-under the ancestor's names), then draws ``--eval-n`` digits of every class with the full ancestral
-sampler and with 20 DDIM steps, scores them with ``evaluate.py``'s classifier, and writes one table
-(``<out-dir>/experiments.md``): final loss, accuracy and FID for both samplers, training time, and
-seconds per generated image. The model after epoch 1 (kept by ``train.py --snapshot-epochs 1``) is
+For every configuration this trains with ``training.train`` (the per-epoch grids and loss plot land in
+--out-dir under the ancestor's names, as ``train.py`` writes them), then draws ``--eval-n`` digits of
+every class with the full ancestral sampler and with the few-step sampler (``--sampler``, default: the
+project's default sampler with its default steps), scores them with ``evaluate.py``'s classifier, and
+writes one table (``<out-dir>/experiments.md``): final loss, accuracy and FID for both samplers,
+training time, and seconds per generated image. The model after epoch 1 (kept as a snapshot) is
 scored too, with the digits it most often draws instead of the one asked for. A finished configuration
 is not trained again, an interrupted one is resumed, so the command can be rerun after a stop.
 ``--images-dir`` copies the loss plots and the grids of ``--show-epochs`` there (the README's figures).
@@ -25,14 +26,17 @@ from typing import Any, Sequence
 import torch
 
 import classifier as clf
-import train
-from checkpoint import checkpoint_path, load_checkpoint, load_sampler
-from cli import ArgumentParser, UsageError, atomic_write, ensure_writable_dir, pick_device, positive_int, run_cli
-from data import to_uint8
+from checkpoint import load_checkpoint, load_sampler
+from cli import ArgumentParser, pick_device, positive_int, run_cli
+from config import PRESETS, Config
+from data import load_dataset, to_uint8
+from ddpm import DEFAULT_SAMPLER, fewer_step_samplers
 from evaluate import Reference, features_of
-from sample import generate, requested_labels
+from fileio import atomic_write, ensure_writable_dir, write_text
+from generation import Sampling, generate, requested_labels
+from speed import default_speed
+from training import output_paths, prepare_outputs, train
 
-FEW_STEPS = 20
 EARLY_EPOCH = 1  # the epoch whose model is checked for blends of similar digits
 
 
@@ -40,13 +44,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="experiments.py", description="Train and measure every (T, n_feat) configuration.")
     p.add_argument("--T", type=positive_int, nargs="+", default=[500, 1000], help="diffusion steps (default 500 1000)")
     p.add_argument("--n-feat", type=positive_int, nargs="+", default=[128, 256], help="UNet widths (default 128 256)")
-    p.add_argument("--preset", choices=sorted(train.PRESETS), default="default",
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="train.py preset for everything else (default: the ancestor's settings)")
     p.add_argument("--epochs", type=positive_int, help="epochs per configuration (default: the preset's, 20)")
     p.add_argument("--show-epochs", type=positive_int, nargs="+", default=[1, 5, 10, 15, 20],
                    help="epochs whose grids go to --images-dir (default 1 5 10 15 20)")
     p.add_argument("--eval-n", type=positive_int, default=100, help="digits per class for each score (default 100)")
     p.add_argument("--guidance", type=float, default=2.0, help="guidance scale of the scored samples (default 2)")
+    p.add_argument("--sampler", choices=fewer_step_samplers(), default=DEFAULT_SAMPLER,
+                   help=f"the few-step sampler scored beside the full one (default {DEFAULT_SAMPLER})")
+    p.add_argument("--steps", type=positive_int, help="its steps (default: the sampler's own)")
     p.add_argument("--amp", action="store_true", help="sample in bf16 autocast (faster; see the README)")
     p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw (default ./data)")
     p.add_argument("--no-download", action="store_true", help="never download MNIST; fail if it is missing")
@@ -55,30 +62,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--classifier-cache", help="default checkpoints/classifier/classifier_mnist.pt")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     args = p.parse_args(argv)
-    for n_feat in args.n_feat:
-        if n_feat % 8:
-            raise UsageError(f"--n-feat values must be multiples of 8 (GroupNorm uses 8 groups), got {n_feat}")
+    for T in args.T:
+        for n_feat in args.n_feat:
+            configuration(args, T, n_feat)  # every configuration is checked before any work
     return args
 
 
-def train_configuration(args: argparse.Namespace, T: int, n_feat: int) -> dict[str, Any]:
+def configuration(args: argparse.Namespace, T: int, n_feat: int) -> Config:
+    """The preset with this ``T`` and ``n_feat`` (and ``--epochs``), checked."""
+    chosen = {"T": T, "n_feat": n_feat, **({"epochs": args.epochs} if args.epochs else {})}
+    config = PRESETS[args.preset].override(**chosen)
+    return config.override(grid_steps=min(config.training.grid_steps, T)).validate()
+
+
+def train_configuration(args: argparse.Namespace, config: Config, data: tuple[torch.Tensor, torch.Tensor],
+                        device: torch.device) -> dict[str, Any]:
     """Train (or resume, or reuse) one configuration; returns its checkpoint."""
-    path = checkpoint_path(args.out_dir, T, n_feat)
-    argv = ["--preset", args.preset, "--T", str(T), "--n-feat", str(n_feat), "--data-root", args.data_root,
-            "--out-dir", args.out_dir, "--snapshot-epochs", str(EARLY_EPOCH)]
-    argv += ["--epochs", str(args.epochs)] if args.epochs else []
-    argv += ["--device", args.device] if args.device else []
-    argv += ["--no-download"] if args.no_download else []
-    wanted = args.epochs or train.PRESETS[args.preset]["epochs"]
-    if os.path.exists(path):
-        done = load_checkpoint(path)
-        if done["epoch"] >= wanted and done["config"]["epochs"] == wanted:
-            print(f"T={T} n_feat={n_feat}: already trained ({path})", file=sys.stderr)
-            return done
-        argv.append("--resume" if done["config"]["epochs"] == wanted else "--overwrite")
-    if train.main(argv) != 0:
-        raise UsageError(f"training T={T} n_feat={n_feat} failed (see the message above)")
-    return load_checkpoint(path)
+    paths = output_paths(args.out_dir, config)
+    T, n_feat, wanted = config.diffusion.T, config.model.n_feat, config.training.epochs
+    ckpt = load_checkpoint(paths["checkpoint"]) if os.path.exists(paths["checkpoint"]) else None
+    if ckpt is not None and ckpt["config"].training.epochs != wanted:
+        ckpt = None  # a run of another length: start over
+    elif ckpt is not None and ckpt["epoch"] >= wanted:
+        print(f"T={T} n_feat={n_feat}: already trained ({paths['checkpoint']})", file=sys.stderr)
+        return ckpt
+    prepare_outputs(args.out_dir, paths)
+    images, labels = data
+    train(config, images.to(device), labels.to(device), paths, default_speed(device),
+          ckpt=ckpt, snapshot_epochs=(EARLY_EPOCH,))
+    return load_checkpoint(paths["checkpoint"])
 
 
 def confusions(predicted: torch.Tensor, labels: torch.Tensor, top: int = 3) -> list[tuple[int, int, float]]:
@@ -92,15 +104,13 @@ def confusions(predicted: torch.Tensor, labels: torch.Tensor, top: int = 3) -> l
     return sorted(found, key=lambda c: -c[2])[:top]
 
 
-def score_samples(args: argparse.Namespace, path: str, ref: Reference, model: clf.Classifier,
-                  device: torch.device, how: dict[str, Any]) -> dict[str, Any]:
-    """Accuracy, FID, top confusions and seconds per image of ``--eval-n`` digits per class."""
+def score_samples(path: str, how: Sampling, n: int, ref: Reference, model: clf.Classifier,
+                  device: torch.device) -> dict[str, Any]:
+    """Accuracy, FID, top confusions and seconds per image of ``n`` digits per class."""
     ddpm, _ = load_sampler(path, device)
-    if how["sampler"] == "ddim":
-        how = {**how, "steps": min(how["steps"], ddpm.T)}
-    labels = requested_labels(None, args.eval_n, 10)
+    labels = requested_labels(None, n, ddpm.eps_model.n_classes)
     started = time.perf_counter()
-    x = generate(ddpm, labels, args.guidance, 0, 100, device, args.amp, **how)
+    x = generate(ddpm, labels, how.resolve(ddpm.T), seed=0, batch_size=100)
     seconds = time.perf_counter() - started
     images = to_uint8(x)
     score = ref.score(model, images, labels)
@@ -111,21 +121,24 @@ def score_samples(args: argparse.Namespace, path: str, ref: Reference, model: cl
 
 def measure(args: argparse.Namespace, out: dict[str, str], ref: Reference, model: clf.Classifier,
             device: torch.device) -> dict[str, Any]:
-    """The final model with the full sampler and with ``FEW_STEPS`` DDIM steps; the early model with DDIM."""
-    few = {"sampler": "ddim", "steps": FEW_STEPS, "eta": 1.0}
-    row = {"full": score_samples(args, out["checkpoint"], ref, model, device, {"sampler": "ddpm"}),
-           "ddim": score_samples(args, out["checkpoint"], ref, model, device, few)}
+    """The final model with the full sampler and with the few-step one; the early model with the few-step one."""
+    full, few = Sampling("ddpm", guidance=args.guidance, amp=args.amp), few_step_sampling(args)
+    row = {"full": score_samples(out["checkpoint"], full, args.eval_n, ref, model, device),
+           "few": score_samples(out["checkpoint"], few, args.eval_n, ref, model, device)}
     early = out["snapshot"].format(epoch=EARLY_EPOCH)
-    row["early"] = score_samples(args, early, ref, model, device, few) if os.path.exists(early) else None
+    row["early"] = score_samples(early, few, args.eval_n, ref, model, device) if os.path.exists(early) else None
     return row
+
+
+def few_step_sampling(args: argparse.Namespace) -> Sampling:
+    return Sampling(args.sampler, args.steps, guidance=args.guidance, amp=args.amp)
 
 
 def _mistakes(found: list[tuple[int, int, float]]) -> str:
     return ", ".join(f"{k}→{j} {100 * share:.0f}%" for k, j, share in found) or "none"
 
 
-def format_table(rows: list[dict[str, Any]], floor: dict[str, Any]) -> str:
-    few = f"{FEW_STEPS} steps"
+def format_table(rows: list[dict[str, Any]], floor: dict[str, Any], few: str) -> str:
     lines = [f"| T | n_feat | epochs | final loss | train time | accuracy, full T | FID, full T | "
              f"accuracy, {few} | FID, {few} | s / image, full T | s / image, {few} | "
              f"epoch {EARLY_EPOCH}: accuracy, {few} | epoch {EARLY_EPOCH}: top mistakes | final: top mistakes, {few} |",
@@ -134,32 +147,37 @@ def format_table(rows: list[dict[str, Any]], floor: dict[str, Any]) -> str:
         early = r["early"]
         lines.append(f"| {r['T']} | {r['n_feat']} | {r['epochs']} | {r['final_loss']:.4f} | "
                      f"{r['train_seconds'] / 60:.1f} min | {100 * r['full']['accuracy']:.1f}% | "
-                     f"{r['full']['fid']:.1f} | {100 * r['ddim']['accuracy']:.1f}% | {r['ddim']['fid']:.1f} | "
-                     f"{r['full']['seconds_per_image']:.3f} | {r['ddim']['seconds_per_image']:.3f} | "
+                     f"{r['full']['fid']:.1f} | {100 * r['few']['accuracy']:.1f}% | {r['few']['fid']:.1f} | "
+                     f"{r['full']['seconds_per_image']:.3f} | {r['few']['seconds_per_image']:.3f} | "
                      + (f"{100 * early['accuracy']:.1f}% | {_mistakes(early['confusions'])} | "
                         if early else "- | - | ")
-                     + f"{_mistakes(r['ddim']['confusions'])} |")
+                     + f"{_mistakes(r['few']['confusions'])} |")
     lines.append(f"| real training digits ({floor['n']}) | | | | | | {floor['fid']:.1f} | | {floor['fid']:.1f} | "
                  "| | | | |")
     return "\n".join(lines)
 
 
-def config_of(T: int, n_feat: int) -> dict[str, Any]:
-    return {"T": T, "n_feat": n_feat, "dataset": "mnist"}
-
-
-def copy_figures(args: argparse.Namespace, T: int, n_feat: int, epochs: int) -> list[str]:
+def copy_figures(args: argparse.Namespace, config: Config, epochs: int) -> list[str]:
     """The loss plot and the grids of ``--show-epochs`` into ``--images-dir``, names unchanged."""
-    paths = train.output_paths(args.out_dir, config_of(T, n_feat))
+    paths = output_paths(args.out_dir, config)
     sources = [paths["loss_plot"]] + [paths["grid"].format(epoch=e) for e in args.show_epochs if e <= epochs]
     for source in sources:
         shutil.copyfile(source, os.path.join(args.images_dir, os.path.basename(source)))
     return [os.path.basename(s) for s in sources]
 
 
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
+def measure_configuration(args: argparse.Namespace, config: Config, data: tuple[torch.Tensor, torch.Tensor],
+                          ref: Reference, model: clf.Classifier, device: torch.device) -> dict[str, Any]:
+    """Train (or reuse) one configuration and measure it: one row of the table."""
+    ckpt = train_configuration(args, config, data, device)
+    steps_per_epoch = len(ckpt["losses"]) // ckpt["epoch"]
+    row = {"T": config.diffusion.T, "n_feat": config.model.n_feat, "epochs": ckpt["epoch"],
+           "train_seconds": ckpt["train_seconds"],
+           "final_loss": sum(ckpt["losses"][-steps_per_epoch:]) / steps_per_epoch,
+           **measure(args, output_paths(args.out_dir, config), ref, model, device)}
+    if args.images_dir:
+        copy_figures(args, config, ckpt["epoch"])
+    return row
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -170,23 +188,18 @@ def _main(argv: Sequence[str] | None) -> int:
     device = pick_device(args.device)
     model, info = clf.load_or_train(args.data_root, args.classifier_cache or clf.default_cache("mnist"))
     ref = Reference(model, args.data_root, args.eval_n, 0)
+    data = load_dataset(args.data_root, train=True, download=not args.no_download)
+    few = few_step_sampling(args).resolve(min(args.T)).describe()
     rows = []
     for T in dict.fromkeys(args.T):  # each value once, in the order given
         for n_feat in dict.fromkeys(args.n_feat):
-            ckpt = train_configuration(args, T, n_feat)
-            steps_per_epoch = len(ckpt["losses"]) // ckpt["epoch"]
-            row = {"T": T, "n_feat": n_feat, "epochs": ckpt["epoch"], "train_seconds": ckpt["train_seconds"],
-                   "final_loss": sum(ckpt["losses"][-steps_per_epoch:]) / steps_per_epoch,
-                   **measure(args, train.output_paths(args.out_dir, config_of(T, n_feat)), ref, model, device)}
-            rows.append(row)
-            if args.images_dir:
-                copy_figures(args, T, n_feat, ckpt["epoch"])
-            print(format_table([row], ref.floor).splitlines()[-2], file=sys.stderr, flush=True)
-    table = format_table(rows, ref.floor)
+            rows.append(measure_configuration(args, configuration(args, T, n_feat), data, ref, model, device))
+            print(format_table(rows[-1:], ref.floor, few).splitlines()[-2], file=sys.stderr, flush=True)
+    table = format_table(rows, ref.floor, few)
     header = (f"guidance {args.guidance}, {args.eval_n} digits per class per score, sampling "
               f"{'bf16' if args.amp else 'fp32'} on {device}; classifier {100 * info['test_accuracy']:.2f}% "
               f"on the test split\n\n")
-    atomic_write(os.path.join(args.out_dir, "experiments.md"), lambda tmp: _write_text(tmp, header + table + "\n"))
+    atomic_write(os.path.join(args.out_dir, "experiments.md"), lambda tmp: write_text(tmp, header + table + "\n"))
     print(header + table)
     return 0
 

@@ -17,39 +17,39 @@ import argparse
 import os
 import sys
 import time
-from typing import Any, Sequence
+from dataclasses import replace
+from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from checkpoint import load_sampler, newest_checkpoint
-from cli import ArgumentParser, UsageError, add_generation_args, atomic_write, describe_sampler, ensure_writable_dir
-from cli import DEFAULT_SAMPLER, DEFAULT_STEPS, non_negative_float, pick_device, positive_int, resolve_sampler
-from cli import run_cli
-from data import CLASS_NAMES, grid_image, save_gif, save_grid, to_uint8
-from ddpm import DDPM, SAMPLERS
-from speed import Speed, autocast
+from cli import ArgumentParser, add_sampling_args, non_negative_float, pick_device, positive_int, run_cli
+from cli import sampling_from_args
+from config import Config, UsageError
+from data import DATASETS, grid_image, save_gif, save_grid, to_uint8
+from ddpm import DDPM
+from fileio import atomic_write, ensure_writable_dir
+from generation import Sampling, blended_labels, generate, requested_labels
 
 STRIP_COLUMNS = 10  # states shown per row by --trajectory, from pure noise to the image
+EXAMPLES = (
+    "python sample.py --digit 7                 # 10 sevens -> samples_7.png",
+    "python sample.py --n 100 --npz out.npz     # 1,000 digits as arrays, for evaluate.py",
+    "python sample.py --interpolate 6 8 --n 9   # a 6 that turns into an 8 -> interpolate_6_8.png",
+)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = ArgumentParser(prog="sample.py", description="Draw images from a trained class-conditional DDPM.")
+    p = ArgumentParser(prog="sample.py", description="Draw images from a trained class-conditional DDPM.",
+                       examples=EXAMPLES)
     p.add_argument("--digit", "--class", dest="digit", type=int,
                    help="class to draw: the digit, or the Fashion-MNIST class index (default: every class)")
     p.add_argument("--n", type=positive_int, default=10,
                    help="images per class (default 10); with --interpolate, images in the row")
     p.add_argument("--checkpoint", default="checkpoints",
                    help="checkpoint file, or a folder whose newest *.pt is used (default ./checkpoints)")
-    p.add_argument("--guidance", type=non_negative_float, default=2.0,
-                   help="classifier-free guidance scale s: 0 unconditional, 1 conditional (default 2)")
-    p.add_argument("--sampler", choices=SAMPLERS,
-                   help="ddpm: ancestral, all T steps; ddim or dpm++ (DPM-Solver++(2M)): --steps steps "
-                        f"(default: {DEFAULT_SAMPLER}, {DEFAULT_STEPS} steps)")
-    p.add_argument("--steps", type=positive_int, help=f"steps of the ddim or dpm++ sampler (default {DEFAULT_STEPS})")
-    add_generation_args(p)
+    add_sampling_args(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--interpolate", nargs=2, type=int, metavar=("A", "B"),
                       help="a row of --n images blending class A's embedding into class B's, same noise")
@@ -65,57 +65,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_class(k: int, flag: str, dataset: str, n_classes: int) -> int:
-    """``k`` if the checkpoint's dataset has class ``k``, else a :class:`UsageError` naming its classes."""
+def check_class(k: int, flag: str, config: Config) -> int:
+    """``k`` if the checkpoint's data set has class ``k``, else a :class:`UsageError` naming its classes."""
+    n_classes, dataset = config.model.n_classes, config.dataset
     if not 0 <= k < n_classes:
-        names = ", ".join(f"{i} {name}" for i, name in enumerate(CLASS_NAMES.get(dataset, [])))
-        known = f" ({names})" if dataset != "mnist" and names else ""
+        names = ", ".join(f"{i} {name}" for i, name in enumerate(DATASETS[dataset].class_names))
+        known = f" ({names})" if dataset != "mnist" else ""
         raise UsageError(f"{flag} must be between 0 and {n_classes - 1} for this {dataset} checkpoint{known}, got {k}")
     return k
-
-
-def requested_labels(digit: int | None, n: int, n_classes: int, dataset: str = "mnist") -> torch.Tensor:
-    """``n`` of one class, or ``n`` rows of ``0..n_classes-1`` (so a 10-wide grid has one class per column)."""
-    if digit is None:
-        return torch.arange(n_classes).repeat(n)
-    return torch.full((n,), check_class(digit, "--digit", dataset, n_classes), dtype=torch.long)
-
-
-def blended_labels(a: int, b: int, n: int, n_classes: int) -> torch.Tensor:
-    """Class weights ``(n, n_classes + 1)`` moving in even steps from one-hot ``a`` to one-hot ``b``.
-
-    The network embeds them as ``(1 - w) * embedding_a + w * embedding_b`` (``unet.ContextUnet``);
-    the first and last rows are exactly the pure classes.
-    """
-    w = torch.linspace(0.0, 1.0, n)[:, None]
-    return (1 - w) * F.one_hot(torch.tensor(a), n_classes + 1) + w * F.one_hot(torch.tensor(b), n_classes + 1)
-
-
-def generate(ddpm: DDPM, labels: torch.Tensor, guidance: float, seed: int, batch_size: int,
-             device: torch.device, amp: bool = False, trajectory: bool = False,
-             **how: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Sample ``labels`` (``(N,)`` indices or ``(N, K + 1)`` weights) in batches from one seeded generator.
-
-    Returns ``(N, 1, 28, 28)`` in ``[-1, 1]``, and with ``trajectory`` also every state ``(S + 1, N, 1, 28, 28)``.
-    ``how`` is passed to ``DDPM.sample`` (``sampler``, ``steps``, ``eta``, ``shared_noise``); ``amp`` runs
-    the network under bf16 autocast.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    chunks = labels.split(batch_size)
-    out, states = [], []
-    for i, chunk in enumerate(chunks):
-        bar = lambda steps: tqdm(steps, desc=f"batch {i + 1}/{len(chunks)}", leave=False,  # noqa: E731
-                                 file=sys.stderr, dynamic_ncols=True, disable=None)
-        with autocast(device, Speed(amp=amp)):
-            result = ddpm.sample(chunk.to(device), guidance, generator=generator, progress=bar,
-                                 return_trajectory=trajectory, **how)
-        x, steps = result if trajectory else (result, None)
-        out.append(x.float().cpu())
-        if steps is not None:
-            states.append(steps.float())
-    if trajectory:
-        return torch.cat(out), torch.cat(states, dim=1)
-    return torch.cat(out)
 
 
 def frame_indices(states: int, wanted: int) -> list[int]:
@@ -127,7 +84,7 @@ def frame_indices(states: int, wanted: int) -> list[int]:
 
 
 def save_animation(states: torch.Tensor, path: str, frames: int, ncol: int) -> int:
-    """``states (S + 1, N, 1, 28, 28)`` as a GIF of grids; returns the number of frames written."""
+    """``states (S + 1, N, C, H, W)`` as a GIF of grids; returns the number of frames written."""
     picks = frame_indices(states.shape[0], frames)
     save_gif([grid_image(states[i], ncol) for i in picks], path)
     return len(picks)
@@ -173,39 +130,42 @@ def output_targets(args: argparse.Namespace) -> str:
     return out
 
 
-def draw_guidance_grid(ddpm: DDPM, config: dict[str, Any], args: argparse.Namespace, out: str,
-                       run: dict[str, Any], how: dict[str, Any]) -> tuple[torch.Tensor, str]:
-    """One row per ``--guidance-grid`` scale, each from the same seed (so the same noise)."""
-    n = args.n if args.digit is not None else 1
-    row = requested_labels(args.digit, n, config["n_classes"], config.get("dataset", "mnist"))
-    x = torch.cat([generate(ddpm, row, s, **run, **how) for s in args.guidance_grid])
+def draw_guidance_grid(ddpm: DDPM, config: Config, how: Sampling, scales: list[float], digit: int | None, n: int,
+                       seed: int, batch_size: int, out: str) -> tuple[torch.Tensor, str]:
+    """One row per guidance scale, each from the same seed (so the same noise)."""
+    row = requested_labels(digit, n if digit is not None else 1, config.model.n_classes)
+    x = torch.cat([generate(ddpm, row, replace(how, guidance=s), seed, batch_size) for s in scales])
     save_grid(x, out, ncol=len(row))
-    return x, f"guidance {' '.join(f'{s:g}' for s in args.guidance_grid)}, one row each"
+    return x, f"guidance {' '.join(f'{s:g}' for s in scales)}, one row each"
 
 
-def draw_images(ddpm: DDPM, config: dict[str, Any], args: argparse.Namespace, out: str,
-                run: dict[str, Any], how: dict[str, Any]) -> tuple[torch.Tensor, str]:
-    """A grid (or an ``--interpolate`` row), with the GIF, strip and NPZ asked for."""
-    dataset, n_classes = config.get("dataset", "mnist"), config["n_classes"]
+def labels_to_draw(args: argparse.Namespace, config: Config) -> tuple[torch.Tensor, int, list[str] | None]:
+    """The labels of the picture, its columns, and its header (class names above an every-class grid)."""
     if args.interpolate:
-        a, b = (check_class(k, "--interpolate", dataset, n_classes) for k in args.interpolate)
-        labels, ncol, header = blended_labels(a, b, args.n, n_classes), args.n, None
-        how = {**how, "shared_noise": True}
-    else:
-        labels, ncol = requested_labels(args.digit, args.n, n_classes, dataset), 10
-        header = CLASS_NAMES[dataset] if dataset != "mnist" and args.digit is None else None
+        a, b = (check_class(k, "--interpolate", config) for k in args.interpolate)
+        return blended_labels(a, b, args.n, config.model.n_classes), args.n, None
+    labels = requested_labels(args.digit, args.n, config.model.n_classes)
+    named = config.dataset != "mnist" and args.digit is None
+    return labels, 10, list(DATASETS[config.dataset].class_names) if named else None
+
+
+def draw_images(ddpm: DDPM, config: Config, how: Sampling, args: argparse.Namespace,
+                out: str) -> tuple[torch.Tensor, str]:
+    """A grid (or an ``--interpolate`` row), with the GIF, strip and NPZ asked for."""
+    labels, ncol, header = labels_to_draw(args, config)
     wants_states = bool(args.gif or args.trajectory)
-    result = generate(ddpm, labels, args.guidance, trajectory=wants_states, **run, **how)
+    result = generate(ddpm, labels, how, args.seed, args.batch_size, trajectory=wants_states,
+                      shared_noise=bool(args.interpolate))
     x, states = result if wants_states else (result, None)
     save_grid(x, out, ncol=ncol, header=header)
-    what = f"guidance {args.guidance:g}"
+    what = f"guidance {how.guidance:g}"
     if args.gif:
         what += f", {save_animation(states, args.gif, args.frames, ncol)}-frame GIF {args.gif}"
     if args.trajectory:
         save_strip(states, args.trajectory)
         what += f", strip {args.trajectory}"
     if args.npz:
-        atomic_write(args.npz, lambda tmp: _save_npz(tmp, to_uint8(x).numpy(), labels.numpy(), dataset))
+        atomic_write(args.npz, lambda tmp: _save_npz(tmp, to_uint8(x).numpy(), labels.numpy(), config.dataset))
         what += f", {args.npz}"
     return x, what
 
@@ -214,15 +174,18 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     check_modes(args)
     path = newest_checkpoint(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
-    device = pick_device(args.device)
-    ddpm, ckpt = load_sampler(path, device)
-    how = {**resolve_sampler(args.sampler, args.steps, ddpm.T), "eta": args.eta}
-    run = dict(seed=args.seed, batch_size=args.batch_size, device=device, amp=args.amp)
+    ddpm, ckpt = load_sampler(path, pick_device(args.device))
+    if args.digit is not None:
+        check_class(args.digit, "--digit", ckpt["config"])
+    how = sampling_from_args(args, ddpm.T)
     out = output_targets(args)
     started = time.perf_counter()
-    draw = draw_guidance_grid if args.guidance_grid else draw_images
-    x, what = draw(ddpm, ckpt["config"], args, out, run, how)
-    print(f"{len(x)} images in {time.perf_counter() - started:.1f}s ({describe_sampler(how)}, {what}) "
+    if args.guidance_grid:
+        x, what = draw_guidance_grid(ddpm, ckpt["config"], how, args.guidance_grid, args.digit, args.n, args.seed,
+                                     args.batch_size, out)
+    else:
+        x, what = draw_images(ddpm, ckpt["config"], how, args, out)
+    print(f"{len(x)} images in {time.perf_counter() - started:.1f}s ({how.describe()}, {what}) "
           f"from {path} (epoch {ckpt['epoch']}) -> {out}", file=sys.stderr)
     return 0
 

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, replace
-from typing import Iterator
 
 import torch
 from torch import nn
-
-from distributed import SINGLE, Shard
 
 
 @dataclass(frozen=True)
@@ -58,7 +55,7 @@ def default_speed(device: torch.device) -> Speed:
     """The fast path for ``device``; see the README's performance section for what each part buys."""
     return Speed(
         amp=bf16_supported(device),
-        channels_last=False,  # slower for this network on a CPU; not yet measured on a GPU
+        channels_last=False,  # opt-in: see the README's performance section for why
         fused_optimizer=device.type in ("cuda", "cpu"),
         on_device_data=True,
         log_every=25,
@@ -77,32 +74,9 @@ def autocast(device: torch.device, speed: Speed) -> contextlib.AbstractContextMa
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def make_optimizer(model: nn.Module, lr: float, speed: Speed) -> torch.optim.Optimizer:
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=speed.fused_optimizer or None)
-
-
 def prepare_model(model: nn.Module, speed: Speed) -> None:
     """Apply the memory layout and compile in place (state-dict keys stay unchanged)."""
     if speed.channels_last:
         model.to(memory_format=torch.channels_last)
     if speed.compile:
         model.compile()
-
-
-def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
-            speed: Speed, device: torch.device, shard: Shard = SINGLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of ``(uint8 (B, 28, 28), int64 (B,))`` on ``device`` in a seeded random order.
-
-    ``batch_size`` is the global batch; with several processes each gets its ``shard`` of it.
-    """
-    order = torch.randperm(len(images), generator=generator)
-    indices = [shard.part(order[start:start + batch_size]) for start in range(0, len(images), batch_size)]
-    if speed.on_device_data:
-        for index in indices:
-            index = index.to(images.device)
-            yield images[index], labels[index]
-        return
-    dataset = torch.utils.data.TensorDataset(images.cpu(), labels.cpu())
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[index.tolist() for index in indices])
-    for x, y in loader:
-        yield x.to(device), y.to(device)

@@ -1,8 +1,8 @@
 """The noise-prediction network: ``eps = model(x_t, t, labels)``.
 
-A small UNet for 28x28 images in the shape of the ancestor's ``ContextUnet``: two
-down blocks (28 -> 14 -> 7), a 7x7 bottleneck pooled to one vector, and two up
-blocks with skip connections. The timestep and the class label ("context")
+A small UNet in the shape of the ancestor's ``ContextUnet``: two down blocks
+(28 -> 14 -> 7 for MNIST's 28x28), the 7x7 bottleneck pooled to one vector, and two
+up blocks with skip connections. Any square size divisible by 4 works. The timestep and the class label ("context")
 modulate the decoder feature maps as ``h = context_embedding * h + time_embedding``.
 
 Conventions (the same everywhere in the project):
@@ -96,22 +96,26 @@ class ContextUnet(nn.Module):
 
     Args:
         in_channels: image channels (1 for MNIST).
+        image_size: height and width of the (square) images, a multiple of 4.
         n_feat: base width; the bottleneck has ``2 * n_feat`` channels. Must be a
             multiple of 8 (GroupNorm uses 8 groups).
         n_classes: number of real classes; label ``n_classes`` means "no label".
     """
 
-    def __init__(self, in_channels: int = 1, n_feat: int = 128, n_classes: int = 10) -> None:
+    def __init__(self, in_channels: int = 1, n_feat: int = 128, n_classes: int = 10, image_size: int = 28) -> None:
         super().__init__()
         if n_feat <= 0 or n_feat % 8:
             raise ValueError(f"n_feat must be a positive multiple of 8, got {n_feat}")
-        self.in_channels, self.n_feat, self.n_classes = in_channels, n_feat, n_classes
+        if image_size <= 0 or image_size % 4:
+            raise ValueError(f"image_size must be a positive multiple of 4, got {image_size}")
+        self.in_channels, self.n_feat, self.n_classes, self.image_size = in_channels, n_feat, n_classes, image_size
         self.null_label = n_classes
+        bottom = image_size // 4  # side of the feature maps after two 2x poolings (7 for 28x28)
 
         self.init_conv = ResidualConvBlock(in_channels, n_feat)
         self.down1 = Down(n_feat, n_feat)
         self.down2 = Down(n_feat, 2 * n_feat)
-        self.to_vec = nn.Sequential(nn.AvgPool2d(7), nn.GELU())
+        self.to_vec = nn.Sequential(nn.AvgPool2d(bottom), nn.GELU())
 
         self.label_embedding = nn.Embedding(n_classes + 1, n_feat)
         self.time_embed1 = EmbedMLP(n_feat, 2 * n_feat)
@@ -120,7 +124,7 @@ class ContextUnet(nn.Module):
         self.context_embed2 = EmbedMLP(n_feat, n_feat)
 
         self.up0 = nn.Sequential(
-            nn.ConvTranspose2d(2 * n_feat, 2 * n_feat, 7, 7), nn.GroupNorm(8, 2 * n_feat), nn.ReLU()
+            nn.ConvTranspose2d(2 * n_feat, 2 * n_feat, bottom, bottom), nn.GroupNorm(8, 2 * n_feat), nn.ReLU()
         )
         self.up1 = Up(4 * n_feat, n_feat)
         self.up2 = Up(2 * n_feat, n_feat)
@@ -144,8 +148,8 @@ class ContextUnet(nn.Module):
         return (labels.float()[:, :, None] * self.label_embedding.weight[None]).sum(1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Predict the noise: ``x (B, C, 28, 28)``, ``t (B,)`` integer in ``[0, T-1]``, ``labels`` as in
-        :meth:`embed_labels` -> ``(B, C, 28, 28)``."""
+        """Predict the noise: ``x (B, C, H, W)``, ``t (B,)`` integer in ``[0, T-1]``, ``labels`` as in
+        :meth:`embed_labels` -> ``(B, C, H, W)``."""
         context = self.embed_labels(labels)
         h0 = self.init_conv(x)
         d1 = self.down1(h0)

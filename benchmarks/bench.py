@@ -3,8 +3,8 @@
     python benchmarks/bench.py                                   # T=500, n_feat=128, batch 256, default device
     python benchmarks/bench.py --device cpu --batch-size 128 --train-steps 4 --warmup 1 --sample-n 100 --ablate
 
-Both paths run the very code ``train.py`` runs (``train.train_step`` over ``speed.batches``) on random
-uint8 digits: the plain path is fp32, a DataLoader, eager, the loss read back every step; the fast path is
+Both paths run the very code ``train.py`` runs (``training.train_step`` over ``data.batches``) on random
+uint8 digits, and sample with the default sampler (``--sampler`` to change it): the plain path is fp32, a DataLoader, eager, the loss read back every step; the fast path is
 ``speed.default_speed(device)``. FLOPs are counted once with ``torch.utils.flop_counter`` (a training step
 is counted as forward + backward of the network).
 """
@@ -26,19 +26,25 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from checkpoint import build_ddpm  # noqa: E402
 from cli import ArgumentParser, non_negative_float, pick_device, positive_int, run_cli  # noqa: E402
-from speed import PLAIN, Speed, autocast, batches, default_speed, make_optimizer, prepare_model  # noqa: E402
-from train import PRESETS, train_step  # noqa: E402
+from config import PRESETS, Config  # noqa: E402
+from data import batches  # noqa: E402
+from ddpm import DEFAULT_SAMPLER, fewer_step_samplers  # noqa: E402
+from distributed import Replicas  # noqa: E402
+from generation import Sampling, generate  # noqa: E402
+from speed import PLAIN, Speed, default_speed, prepare_model  # noqa: E402
+from training import TrainState, make_optimizer, train_step  # noqa: E402
 
 
-def config_for(T: int, n_feat: int, batch_size: int) -> dict[str, Any]:
-    return {**PRESETS["default"], "T": T, "n_feat": n_feat, "batch_size": batch_size, "in_channels": 1,
-            "n_classes": 10}
+def config_for(T: int, n_feat: int, batch_size: int) -> Config:
+    return PRESETS["default"].override(T=T, n_feat=n_feat, batch_size=batch_size)
 
 
-def training_flops(config: dict[str, Any], batch: int) -> tuple[int, int]:
+def training_flops(config: Config, batch: int) -> tuple[int, int]:
     """FLOPs of one forward pass per image, and of one training step (forward + backward) per image."""
-    model = build_ddpm(config).eps_model
-    x, t, y = torch.randn(batch, 1, 28, 28), torch.randint(0, config["T"], (batch,)), torch.randint(0, 10, (batch,))
+    ddpm = build_ddpm(config)
+    model = ddpm.eps_model
+    x, t = torch.randn(batch, *ddpm.image_shape), torch.randint(0, config.diffusion.T, (batch,))
+    y = torch.randint(0, config.model.n_classes, (batch,))
     with FlopCounterMode(display=False) as counter:
         model(x, t, y)
     forward = counter.get_total_flops() // batch
@@ -58,49 +64,51 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_training(config: dict[str, Any], speed: Speed, device: torch.device, steps: int, warmup: int) -> float:
+def time_training(config: Config, speed: Speed, device: torch.device, steps: int, warmup: int) -> float:
     """Training images per second over ``steps`` steps after ``warmup`` steps."""
     torch.manual_seed(0)
-    n = config["batch_size"] * (steps + warmup)
-    images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8).to(device)
-    labels = torch.randint(0, 10, (n,)).to(device)
+    batch = config.training.batch_size
+    n = batch * (steps + warmup)
     ddpm = build_ddpm(config).to(device)
+    images = torch.randint(0, 256, (n, *ddpm.image_shape[1:]), dtype=torch.uint8).to(device)
+    labels = torch.randint(0, config.model.n_classes, (n,)).to(device)
     ema = build_ddpm(config).eps_model.to(device).requires_grad_(False)
     prepare_model(ddpm.eps_model, speed)
-    optimizer = make_optimizer(ddpm.eps_model, 1e-4, speed)
+    state = TrainState(ddpm, ema, make_optimizer(ddpm.eps_model, 1e-4, speed), Replicas(ddpm), speed)
     noise = torch.Generator(device=device).manual_seed(0)
     pending = []
     started = 0.0
-    for i, (x, y) in enumerate(batches(images, labels, config["batch_size"], torch.Generator(), speed, device)):
+    for i, (x, y) in enumerate(batches(images, labels, batch, torch.Generator(), speed.on_device_data, device)):
         if i == warmup:
             sync(device)
             started = time.perf_counter()
-        pending.append(train_step(ddpm, ema, optimizer, x, y, noise, 0.995, speed))
+        draws = ddpm.draw_training_noise(len(x), ddpm.image_shape, device, noise)
+        pending.append(train_step(state, x, y, draws, 0.995))
         if len(pending) == speed.log_every:
             torch.stack(pending).tolist()
             pending.clear()
     torch.stack(pending).tolist() if pending else None
     sync(device)
-    return steps * config["batch_size"] / (time.perf_counter() - started)
+    return steps * batch / (time.perf_counter() - started)
 
 
-def time_sampling(config: dict[str, Any], speed: Speed, device: torch.device, n: int, steps: int,
-                  guidance: float) -> float:
-    """Digits per second for ``n`` guided digits with ``steps`` DDIM steps."""
+def time_sampling(config: Config, speed: Speed, device: torch.device, n: int, how: Sampling) -> float:
+    """Digits per second for ``n`` digits drawn as ``how`` says (bf16 when ``speed.amp``), in one batch."""
     ddpm = build_ddpm(config).to(device).eval()
-    labels = torch.arange(n, device=device) % 10
-    with autocast(device, speed):
-        ddpm.sample(labels[:2], guidance, sampler="ddim", steps=2)  # warm-up
-        sync(device)
-        started = time.perf_counter()
-        ddpm.sample(labels, guidance, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=steps)
-        sync(device)
+    labels = torch.arange(n) % config.model.n_classes
+    how = Sampling(how.sampler, how.steps, how.eta, how.guidance, amp=speed.amp)
+    generate(ddpm, labels[:2], Sampling(how.sampler, 2, amp=speed.amp), batch_size=n)  # warm-up
+    sync(device)
+    started = time.perf_counter()
+    generate(ddpm, labels, how, seed=0, batch_size=n)
+    sync(device)
     return n / (time.perf_counter() - started)
 
 
 def run(args: Any) -> list[dict[str, Any]]:
     device = pick_device(args.device)
     config = config_for(args.T, args.n_feat, args.batch_size)
+    how = sampling(args)
     forward, step = training_flops(config, 4)
     print(f"device {device} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
@@ -111,11 +119,11 @@ def run(args: Any) -> list[dict[str, Any]]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         images_per_s = time_training(config, speed, device, args.train_steps, args.warmup)
-        digits_per_s = time_sampling(config, speed, device, args.sample_n, args.sample_steps, args.guidance)
+        digits_per_s = time_sampling(config, speed, device, args.sample_n, how)
         rows.append({"path": name, "speed": speed, "images_per_s": images_per_s,
                      "epoch_s": 60000 / images_per_s, "tflops": images_per_s * step / 1e12,
                      "digits_per_s": digits_per_s,
-                     "digits_per_s_full": digits_per_s * args.sample_steps / args.T,
+                     "digits_per_s_full": digits_per_s * how.steps / args.T,
                      "memory": peak_memory(device)})
         print(f"{name}: {speed}", flush=True)
     return rows
@@ -137,8 +145,14 @@ def ablate(args: Any) -> None:
         print(f"| {name} | {time_training(config, speed, device, args.train_steps, args.warmup):.1f} |", flush=True)
 
 
+def sampling(args: Any) -> Sampling:
+    """How the sampling timing draws: ``--sampler`` with ``--sample-steps`` (default: the sampler's own)."""
+    return Sampling(args.sampler, args.sample_steps, guidance=args.guidance).resolve(args.T)
+
+
 def report(rows: list[dict[str, Any]], args: Any) -> None:
-    print(f"\n| path | train images/s | s per 60k-image epoch | train TFLOP/s | digits/s, {args.sample_steps} steps "
+    how = sampling(args)
+    print(f"\n| path | train images/s | s per 60k-image epoch | train TFLOP/s | digits/s, {how.describe()} "
           f"| digits/s, all {args.T} steps (est.) | peak memory |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -148,8 +162,8 @@ def report(rows: list[dict[str, Any]], args: Any) -> None:
     print(f"\nfast / plain: training {fast['images_per_s'] / plain['images_per_s']:.2f}x, "
           f"sampling {fast['digits_per_s'] / plain['digits_per_s']:.2f}x")
     print(f"(sampling: guidance {args.guidance}, conditional and unconditional passes in one batch of "
-          f"{2 * args.sample_n}; the all-steps figure is the {args.sample_steps}-step rate scaled by "
-          f"{args.sample_steps}/{args.T}, since every step costs one network call)")
+          f"{2 * args.sample_n}; the all-steps figure is the {how.steps}-step rate scaled by "
+          f"{how.steps}/{args.T}, since every step costs one network call)")
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -160,7 +174,9 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--train-steps", type=positive_int, default=20, help="timed training steps per path")
     p.add_argument("--warmup", type=positive_int, default=2, help="untimed steps first")
     p.add_argument("--sample-n", type=positive_int, default=1000, help="digits sampled per timing")
-    p.add_argument("--sample-steps", type=positive_int, default=20, help="DDIM steps in the sampling timing")
+    p.add_argument("--sampler", choices=fewer_step_samplers(), default=DEFAULT_SAMPLER,
+                   help=f"the sampler timed (default {DEFAULT_SAMPLER})")
+    p.add_argument("--sample-steps", type=positive_int, help="its steps (default: the sampler's own)")
     p.add_argument("--guidance", type=non_negative_float, default=2.0)
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     p.add_argument("--ablate", action="store_true", help="also time training with each fast-path part off")

@@ -15,7 +15,8 @@ from typing import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cli import ArgumentParser, ensure_writable_dir, positive_int, run_cli  # noqa: E402
+from cli import ArgumentParser, positive_int, run_cli  # noqa: E402
+from fileio import ensure_writable_dir  # noqa: E402
 from data import load_dataset, write_idx  # noqa: E402
 
 

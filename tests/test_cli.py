@@ -14,6 +14,7 @@ from PIL import Image
 import checkpoint
 import sample
 import train
+import training
 from conftest import TINY_TRAIN, write_fake_mnist
 from data import load_dataset
 
@@ -37,7 +38,7 @@ def test_train_writes_every_promised_file(trained_run):
     ckpt = torch.load(trained_run["checkpoint"], weights_only=True)
     assert ckpt["epoch"] == 2 and len(ckpt["losses"]) == 2 * 4  # 64 images / batch 16
     assert {"model", "ema", "optimizer", "config", "losses", "epoch"} <= set(ckpt)
-    assert ckpt["config"]["T"] == 8 and ckpt["config"]["n_feat"] == 8
+    assert ckpt["config"]["diffusion"]["T"] == 8 and ckpt["config"]["model"]["n_feat"] == 8
     assert not [f for f in os.listdir(os.path.join(out, "checkpoints")) if f.startswith(".tmp")]
 
 
@@ -45,12 +46,13 @@ def test_checkpoint_round_trip_gives_identical_outputs(trained_run, tmp_path):
     ddpm, ckpt = checkpoint.load_sampler(trained_run["checkpoint"], torch.device("cpu"))
     copy = str(tmp_path / "copy.pt")
     checkpoint.save_checkpoint(copy, **{k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    assert checkpoint.load_checkpoint(copy)["config"] == ckpt["config"]
     again, _ = checkpoint.load_sampler(copy, torch.device("cpu"))
     x, t, y = torch.randn(3, 1, 28, 28), torch.tensor([0, 4, 7]), torch.tensor([1, 5, 10])
     with torch.no_grad():
         torch.testing.assert_close(ddpm.eps_model(x, t, y), again.eps_model(x, t, y), rtol=0, atol=0)
-    a = ddpm.sample(y[:2], generator=torch.Generator().manual_seed(0))
-    b = again.sample(y[:2], generator=torch.Generator().manual_seed(0))
+    a = ddpm.sample(y[:2], generator=torch.Generator().manual_seed(0), sampler="ddpm")
+    b = again.sample(y[:2], generator=torch.Generator().manual_seed(0), sampler="ddpm")
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -92,15 +94,15 @@ def test_resume_continues_where_it_stopped(tmp_path, monkeypatch):
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     assert train.main(TINY_TRAIN + ["--data-root", data, "--out-dir", full]) == 0
 
-    real_save = train.save_checkpoint
+    real_save = training.save_checkpoint
 
-    def save_then_die(path, **fields):  # the process is killed right after epoch 1's checkpoint
-        real_save(path, **fields)
+    def save_then_die(path, config, **fields):  # the process is killed right after epoch 1's checkpoint
+        real_save(path, config, **fields)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
     assert train.main(TINY_TRAIN + ["--data-root", data, "--out-dir", cut]) == 130
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
     assert torch.load(checkpoint.checkpoint_path(cut, 8, 8), weights_only=True)["epoch"] == 1
     assert train.main(TINY_TRAIN + ["--data-root", data, "--out-dir", cut, "--resume"]) == 0
 
@@ -139,7 +141,8 @@ def snapshot(folder: str) -> dict[str, tuple[int, bytes]]:
     (["--out", "blocker/sub/x.png"], "cannot write"),
     (["--device", "cuda:7"], "--device"),
     (["--steps", "9"], "at most T=8"),
-    (["--sampler", "ddpm", "--steps", "4"], "--steps is for --sampler ddim or dpm++"),
+    (["--sampler", "ddpm", "--steps", "4"], "always takes all T steps"),
+    (["--sampler", "ddpm", "--eta", "0"], "takes no eta"),
 ])
 def test_sample_bad_input(trained_run, tmp_path, monkeypatch, capsys, args, words):
     monkeypatch.chdir(tmp_path)
@@ -203,3 +206,31 @@ def test_real_process_exit_status(tmp_path, script, args):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_sampler_choices_and_defaults_come_from_the_registry(trained_run, tmp_path, monkeypatch):
+    """A sampler added to ddpm.SAMPLERS is a --sampler choice of sample.py with its own defaults."""
+    import ddpm
+
+    class Halfway(ddpm.DDIM):
+        name, summary, default_steps, default_eta = "halfway", "a test sampler", 3, 0.0
+
+    monkeypatch.setitem(ddpm.SAMPLERS, "halfway", Halfway)
+    args = sample.parse_args(["--sampler", "halfway"])
+    how = sample.sampling_from_args(args, T=8)
+    assert (how.sampler, how.steps, how.eta, how.describe()) == ("halfway", 3, 0.0, "halfway 3 steps")
+    npz = str(tmp_path / "h.npz")
+    assert sample.main(["--checkpoint", trained_run["checkpoint"], "--sampler", "halfway", "--n", "1",
+                        "--npz", npz, "--out", str(tmp_path / "h.png")]) == 0
+    assert np.load(npz)["images"].shape == (10, 28, 28)
+
+
+def test_readme_names_every_registered_sampler_and_the_default():
+    import ddpm
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        row = next(line for line in f if line.startswith("| `--sampler`"))
+    for name, cls in ddpm.SAMPLERS.items():
+        assert f"`{name}`" in row, name
+    default = ddpm.SAMPLERS[ddpm.DEFAULT_SAMPLER]
+    assert f"`{ddpm.DEFAULT_SAMPLER}`" in row.split("|")[2] and f"{default.default_steps} steps" in row

@@ -7,7 +7,8 @@ import torch
 
 from torch import nn
 
-from ddpm import DDPM, extract
+import ddpm as ddpm_module
+from ddpm import DDPM, SAMPLERS, Ancestral, DDIM, DPMSolverPP2M, Sampler, extract, make_sampler
 from unet import ContextUnet
 
 
@@ -115,25 +116,32 @@ def test_loss_is_finite_and_drops_labels():
     assert ((seen[0] == 10) | (seen[0] == torch.arange(64) % 10)).all()
 
 
+def guided(ddpm: DDPM, x: torch.Tensor, t: int, labels: torch.Tensor, guidance: float) -> torch.Tensor:
+    with torch.no_grad():
+        return ddpm.guided_eps(x, torch.full((x.shape[0],), t), labels, guidance)
+
+
 def test_last_step_adds_no_noise():
     ddpm = tiny_ddpm()
     x, labels = torch.randn(2, 1, 28, 28), torch.tensor([1, 2])
-    with torch.no_grad():
-        z1, z2 = torch.randn(2, *x.shape)
-        a = ddpm.p_step(x, 0, labels, 2.0, z1)
-        b = ddpm.p_step(x, 0, labels, 2.0, z2)
-        c = ddpm.p_step(x, 1, labels, 2.0, z1)
-        d = ddpm.p_step(x, 1, labels, 2.0, z2)
+    z1, z2 = torch.randn(2, *x.shape)
+    step = Ancestral(ddpm).step
+    a = step(x, guided(ddpm, x, 0, labels, 2.0), 0, -1, z1)
+    b = step(x, guided(ddpm, x, 0, labels, 2.0), 0, -1, z2)
+    c = step(x, guided(ddpm, x, 1, labels, 2.0), 1, 0, z1)
+    d = step(x, guided(ddpm, x, 1, labels, 2.0), 1, 0, z2)
     torch.testing.assert_close(a, b)
     assert not torch.allclose(c, d)
+    for cls in SAMPLERS.values():  # and no sampler asks for noise on its last step
+        assert not cls(ddpm).adds_noise(-1)
 
 
 def test_sampler_is_seeded_and_takes_any_labels():
     ddpm = tiny_ddpm()
     labels = torch.tensor([7, 7, 3])  # not a multiple of 10
-    a = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(42))
-    b = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(42))
-    c = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(43))
+    a = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(42), sampler="ddpm")
+    b = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(42), sampler="ddpm")
+    c = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(43), sampler="ddpm")
     assert a.shape == (3, 1, 28, 28)
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, c)
@@ -142,8 +150,9 @@ def test_sampler_is_seeded_and_takes_any_labels():
 def test_trajectory_only_when_asked():
     ddpm = tiny_ddpm(T=6)
     labels = torch.tensor([1, 2])
-    x = ddpm.sample(labels, generator=torch.Generator().manual_seed(0))
-    x2, trajectory = ddpm.sample(labels, generator=torch.Generator().manual_seed(0), return_trajectory=True)
+    x = ddpm.sample(labels, generator=torch.Generator().manual_seed(0), sampler="ddpm")
+    x2, trajectory = ddpm.sample(labels, generator=torch.Generator().manual_seed(0), return_trajectory=True,
+                                 sampler="ddpm")
     assert isinstance(x, torch.Tensor) and trajectory.shape == (7, 2, 1, 28, 28)
     torch.testing.assert_close(trajectory[-1], x2)
     torch.testing.assert_close(x, x2)
@@ -153,13 +162,12 @@ def test_sampler_follows_algorithm_2():
     """One reverse step equals the formula of Algorithm 2 written out by hand."""
     ddpm = tiny_ddpm()
     x, labels, t = torch.randn(2, 1, 28, 28), torch.tensor([4, 5]), 6
-    with torch.no_grad():
-        eps = ddpm.guided_eps(x, torch.full((2,), t), labels, 2.0)
-        beta, a_bar = ddpm.betas[t], ddpm.alphas_cumprod[t]
-        mean = (x - beta / (1 - a_bar).sqrt() * eps) / (1 - beta).sqrt()
-        sigma = (beta * (1 - ddpm.alphas_cumprod[t - 1]) / (1 - a_bar)).sqrt()
-        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-        step = ddpm.p_step(x, t, labels, 2.0, z)
+    eps = guided(ddpm, x, t, labels, 2.0)
+    beta, a_bar = ddpm.betas[t], ddpm.alphas_cumprod[t]
+    mean = (x - beta / (1 - a_bar).sqrt() * eps) / (1 - beta).sqrt()
+    sigma = (beta * (1 - ddpm.alphas_cumprod[t - 1]) / (1 - a_bar)).sqrt()
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    step = Ancestral(ddpm).step(x, eps, t, t - 1, z)
     torch.testing.assert_close(step, mean + sigma * z, rtol=1e-5, atol=1e-6)
 
 
@@ -181,7 +189,7 @@ def test_ddim_with_every_step_and_eta_1_is_the_ancestral_sampler():
     """With all T timesteps and eta = 1, DDIM's update is Algorithm 2's: same noise, same images."""
     ddpm = tiny_ddpm(T=10)
     labels = torch.arange(10).repeat(20)
-    a = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(0))
+    a = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(0), sampler="ddpm")
     how = dict(sampler="ddim", steps=10, eta=1.0, clip_x0=False)
     b = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(0), **how)
     torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
@@ -194,9 +202,9 @@ def test_ddim_with_every_step_and_eta_1_is_the_ancestral_sampler():
 def test_ddim_eta_0_is_deterministic_given_the_start():
     ddpm = tiny_ddpm(T=50)
     labels = torch.tensor([3, 8])
-    a, traj = ddpm.sample(labels, 2.0, torch.Generator().manual_seed(0), True, sampler="ddim", steps=5)
+    a, traj = ddpm.sample(labels, 2.0, torch.Generator().manual_seed(0), True, sampler="ddim", steps=5, eta=0.0)
     assert traj.shape == (6, 2, 1, 28, 28)
-    b = ddpm.sample(labels, 2.0, torch.Generator().manual_seed(0), sampler="ddim", steps=5)
+    b = ddpm.sample(labels, 2.0, torch.Generator().manual_seed(0), sampler="ddim", steps=5, eta=0.0)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -204,17 +212,16 @@ def test_ddim_step_formula():
     """One deterministic DDIM step against eq. 12 written out: x0 prediction plus the direction to x_t."""
     ddpm = tiny_ddpm(T=20)
     x, labels = torch.randn(2, 1, 28, 28), torch.tensor([1, 6])
-    with torch.no_grad():
-        eps = ddpm.guided_eps(x, torch.full((2,), 15), labels, 1.5)
-        a_t, a_prev = ddpm.alphas_cumprod[15], ddpm.alphas_cumprod[9]
-        expected = a_prev.sqrt() * (x - (1 - a_t).sqrt() * eps) / a_t.sqrt() + (1 - a_prev).sqrt() * eps
-        torch.testing.assert_close(ddpm.ddim_step(x, 15, 9, labels, 1.5, clip_x0=False), expected,
-                                   rtol=1e-5, atol=1e-5)
-        # with clipping, the predicted x_0 stays in the data range: the result is a_prev^(1/2) x0 + ...
-        x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
-        eps_clipped = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-        torch.testing.assert_close(ddpm.ddim_step(x, 15, 9, labels, 1.5),
-                                   a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps_clipped, rtol=1e-5, atol=1e-5)
+    eps = guided(ddpm, x, 15, labels, 1.5)
+    a_t, a_prev = ddpm.alphas_cumprod[15], ddpm.alphas_cumprod[9]
+    expected = a_prev.sqrt() * (x - (1 - a_t).sqrt() * eps) / a_t.sqrt() + (1 - a_prev).sqrt() * eps
+    torch.testing.assert_close(DDIM(ddpm, eta=0.0, clip_x0=False).step(x, eps, 15, 9, None), expected,
+                               rtol=1e-5, atol=1e-5)
+    # with clipping, the predicted x_0 stays in the data range: the result is a_prev^(1/2) x0 + ...
+    x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+    eps_clipped = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    torch.testing.assert_close(DDIM(ddpm, eta=0.0).step(x, eps, 15, 9, None),
+                               a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps_clipped, rtol=1e-5, atol=1e-5)
 
 
 class GaussianEps(nn.Module):
@@ -223,7 +230,7 @@ class GaussianEps(nn.Module):
     ``x_t ~ N(sqrt(a) m, a std^2 + 1 - a)``, so ``E[eps | x_t] = sqrt(1 - a) (x_t - sqrt(a) m) / (a std^2 + 1 - a)``.
     """
 
-    in_channels, null_label = 1, 2
+    in_channels, image_size, null_label = 1, 28, 2
 
     def __init__(self, means: list[float], std: float, alphas_cumprod: torch.Tensor) -> None:
         super().__init__()
@@ -235,8 +242,8 @@ class GaussianEps(nn.Module):
 
 
 def gaussian_ddpm(T: int = 1000) -> DDPM:
-    ddpm = DDPM(nn.Identity(), T=T).double()
-    ddpm.eps_model = GaussianEps([0.3, -0.2, 0.0], 0.25, ddpm.alphas_cumprod)
+    ddpm = DDPM(GaussianEps([0.3, -0.2, 0.0], 0.25, torch.zeros(T)), T=T).double()
+    ddpm.eps_model.alphas_cumprod = ddpm.alphas_cumprod
     return ddpm
 
 
@@ -253,14 +260,14 @@ def test_extrapolate_x0_is_the_midpoint_of_a_linear_trend():
 def test_dpm_first_and_last_steps_are_ddim_steps():
     ddpm = tiny_ddpm(T=20)
     x, labels, z = torch.randn(2, 1, 28, 28), torch.tensor([2, 9]), torch.randn(2, 1, 28, 28)
-    with torch.no_grad():
-        first, (t, x0) = ddpm.dpm_step(x, 15, 9, labels, 2.0, None, 1.0, z)
-        torch.testing.assert_close(first, ddpm.ddim_step(x, 15, 9, labels, 2.0, 1.0, z))
-        assert t == 15 and x0.shape == x.shape and x0.abs().max() <= 1
-        last, _ = ddpm.dpm_step(x, 0, -1, labels, 2.0, (9, x0), 1.0)
-        torch.testing.assert_close(last, ddpm.ddim_step(x, 0, -1, labels, 2.0, 1.0))
-        middle, _ = ddpm.dpm_step(x, 9, 4, labels, 2.0, (15, x0), 1.0, z)
-        assert not torch.allclose(middle, ddpm.ddim_step(x, 9, 4, labels, 2.0, 1.0, z))
+    eps = {t: guided(ddpm, x, t, labels, 2.0) for t in (15, 9, 0)}
+    ddim, dpm = DDIM(ddpm), DPMSolverPP2M(ddpm)
+    torch.testing.assert_close(dpm.step(x, eps[15], 15, 9, z), ddim.step(x, eps[15], 15, 9, z))
+    t, x0 = dpm.before
+    assert t == 15 and x0.shape == x.shape and x0.abs().max() <= 1
+    middle = dpm.step(x, eps[9], 9, 4, z)  # the second step extrapolates from the first
+    assert not torch.allclose(middle, ddim.step(x, eps[9], 9, 4, z))
+    torch.testing.assert_close(dpm.step(x, eps[0], 0, -1, None), ddim.step(x, eps[0], 0, -1, None))
 
 
 def test_dpm_solver_is_second_order_where_ddim_is_first():
@@ -305,3 +312,62 @@ def test_stochastic_samplers_in_20_steps():
 def test_sample_rejects_an_unknown_sampler():
     with pytest.raises(ValueError, match="ddpm, ddim, dpm\\+\\+"):
         tiny_ddpm().sample(torch.tensor([1]), sampler="euler")
+
+
+# Seeded outputs of every registered sampler, computed by the code before samplers became step objects
+# (tiny_ddpm(T=10), labels 0 3 7, guidance 2, generator seed 1): the sum, and every 301st value.
+PINNED = {
+    ("ddpm", None, None): (62.568352, [-1.249844, 3.085385, -0.416807, -1.406697, 2.122213, 1.956699, 1.618166,
+                                      1.271732]),
+    ("ddim", 4, 1.0): (43.948886, [-0.888011, 0.942333, -1.0, -0.750906, 0.793247, 0.950287, 0.970909, 0.998951]),
+    ("ddim", 4, 0.0): (72.631903, [-1.0, 1.0, -0.96679, 0.024157, 1.0, 1.0, 1.0, 1.0]),
+    ("dpm++", 4, 1.0): (19.31933, [-0.856791, 0.905538, -0.999515, -1.0, 0.565096, 0.934722, 0.906949, 0.999427]),
+    ("dpm++", 4, 0.0): (75.115999, [-1.0, 1.0, -0.956909, 0.049128, 1.0, 1.0, 1.0, 0.999842]),
+}
+
+
+@pytest.mark.parametrize("sampler, steps, eta", list(PINNED))
+def test_pinned_seeded_output_of_each_sampler(sampler, steps, eta):
+    x = tiny_ddpm().sample(torch.tensor([0, 3, 7]), 2.0, torch.Generator().manual_seed(1), sampler=sampler,
+                           steps=steps, eta=eta)
+    total, values = PINNED[(sampler, steps, eta)]
+    assert x.double().sum().item() == pytest.approx(total, abs=1e-3)
+    assert x.flatten()[::301].tolist() == pytest.approx(values, abs=1e-4)
+
+
+def test_every_sampler_has_a_pin_and_its_defaults_apply():
+    assert {name for name, _, _ in PINNED} == set(SAMPLERS)
+    ddpm = tiny_ddpm(T=50)
+    for name, cls in SAMPLERS.items():
+        sampler = make_sampler(name, ddpm)
+        assert sampler.steps == (50 if cls.default_steps is None else min(cls.default_steps, 50))
+        assert sampler.eta == cls.default_eta and len(sampler.timesteps) == sampler.steps
+        assert sampler.timesteps[0] == 49 and sampler.timesteps[-1] == 0
+
+
+@pytest.mark.parametrize("name, steps, eta, words", [
+    ("ddpm", 5, None, "always takes all T steps"), ("ddpm", None, 0.5, "takes no eta"),
+    ("ddim", 11, None, "at most T=10"), ("dpm++", 0, None, "at most T=10"),
+])
+def test_sampler_settings_are_checked(name, steps, eta, words):
+    with pytest.raises(ValueError, match=words):
+        make_sampler(name, tiny_ddpm(), steps, eta)
+
+
+class Euler(Sampler):
+    """A toy sampler: the deterministic Euler step of the probability-flow ODE on the same x_0 estimate."""
+
+    name, summary, default_steps, default_eta = "euler", "Euler steps of the probability-flow ODE", 10, 0.0
+
+    def step(self, x, eps, t, t_prev, z):
+        return self.ddpm.ddim_update(x, self.ddpm.predict_x0(x, eps, t, self.clip_x0), t, t_prev, 0.0)
+
+
+def test_a_registered_toy_sampler_runs_from_sample(monkeypatch):
+    """Adding a sampler is a class and a registry entry: DDPM.sample (and so the CLIs) find it by name."""
+    monkeypatch.setitem(ddpm_module.SAMPLERS, "euler", Euler)
+    ddpm = tiny_ddpm(T=20)
+    x, trajectory = ddpm.sample(torch.tensor([1, 2]), 2.0, torch.Generator().manual_seed(0), True, sampler="euler")
+    assert x.shape == (2, 1, 28, 28) and trajectory.shape == (11, 2, 1, 28, 28)
+    again = ddpm.sample(torch.tensor([1, 2]), 2.0, torch.Generator().manual_seed(0), sampler="ddim", steps=10, eta=0.0)
+    torch.testing.assert_close(x, again)  # deterministic DDIM is this Euler step in disguise

@@ -16,6 +16,8 @@ import torch.multiprocessing as mp
 import checkpoint
 import sample
 import train
+import training
+from config import Config
 from conftest import TINY_TRAIN, train_tiny, write_fake_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +49,7 @@ def assert_same_training(a: dict, b: dict) -> None:
     for weights in ("model", "ema"):
         nets = []
         for ckpt in (a, b):
-            net = checkpoint.build_ddpm(ckpt["config"]).eps_model
+            net = checkpoint.build_ddpm(Config.from_dict(ckpt["config"])).eps_model
             net.load_state_dict(ckpt[weights])
             nets.append(net.eval())
         with torch.no_grad():
@@ -79,11 +81,11 @@ def _rank(rank: int, world: int, port: int, argv: list[str], report: str) -> Non
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    real_step, real_epoch, gaps, epochs = train.train_step, train.train_epoch, [], []
+    real_step, real_epoch, gaps, epochs = training.train_step, training.train_epoch, [], []
 
-    def checked_step(ddpm, *args, **kwargs):
-        loss = real_step(ddpm, *args, **kwargs)
-        mine = torch.nn.utils.parameters_to_vector(ddpm.eps_model.parameters()).detach()
+    def checked_step(state, *args, **kwargs):
+        loss = real_step(state, *args, **kwargs)
+        mine = torch.nn.utils.parameters_to_vector(state.ddpm.eps_model.parameters()).detach()
         every = [torch.zeros_like(mine) for _ in range(world)]
         dist.all_gather(every, mine)
         gaps.append(max((p - every[0]).abs().max().item() for p in every))
@@ -95,7 +97,7 @@ def _rank(rank: int, world: int, port: int, argv: list[str], report: str) -> Non
         epochs.append(1)
         return real_epoch(*args, **kwargs)
 
-    train.train_step, train.train_epoch = checked_step, epoch_then_die
+    training.train_step, training.train_epoch = checked_step, epoch_then_die
     status = train.main(argv)
     with open(f"{report}.{rank}", "w") as f:
         json.dump({"status": status, "gaps": gaps}, f)
@@ -117,16 +119,16 @@ def test_ranks_stay_identical_and_a_distributed_checkpoint_resumes_in_one_proces
 
 
 def test_global_batch_is_split_without_loss(tmp_path):
+    from data import batches
     from distributed import Shard
-    from speed import PLAIN, batches
 
     data = write_fake_mnist(str(tmp_path / "data"), n_train=37)
     from data import load_dataset
 
     images, labels = load_dataset(data, download=False)
-    whole = list(batches(images, labels, 16, torch.Generator().manual_seed(0), PLAIN, torch.device("cpu")))
-    parts = [list(batches(images, labels, 16, torch.Generator().manual_seed(0), PLAIN, torch.device("cpu"),
-                          Shard(rank, 2))) for rank in (0, 1)]
+    whole = list(batches(images, labels, 16, torch.Generator().manual_seed(0), on_device=False))
+    parts = [list(batches(images, labels, 16, torch.Generator().manual_seed(0), on_device=False,
+                          part=Shard(rank, 2).part)) for rank in (0, 1)]
     for (x, y), (x0, y0), (x1, y1) in zip(whole, *parts):
         assert torch.equal(torch.cat((x0, x1)), x) and torch.equal(torch.cat((y0, y1)), y)
     assert [len(y) for y, in [(p[-1][1],) for p in parts]] == [3, 2]  # the last batch of 5 splits 3 + 2

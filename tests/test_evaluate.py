@@ -41,15 +41,21 @@ def test_diversity_is_zero_for_copies():
     assert spread > 1.0
 
 
+def rows_for(*argv: str, T: int) -> list[tuple]:
+    args = evaluate.parse_args(list(argv))
+    return [(r.sampler, r.steps, r.eta, r.guidance) for r in evaluate.sampler_settings(args, T)]
+
+
 def test_sampler_rows():
-    rows = evaluate.sampler_settings(["ddpm", "ddim", "dpm++"], [10, 20], T=50)
-    assert rows == [{"sampler": "ddpm"}, {"sampler": "ddim", "steps": 10}, {"sampler": "ddim", "steps": 20},
-                    {"sampler": "dpm++", "steps": 10}, {"sampler": "dpm++", "steps": 20}]
-    assert evaluate.sampler_settings(None, [5], T=50) == [{"sampler": "dpm++", "steps": 5}]  # the default
-    assert evaluate.sampler_settings(None, None, T=500) == [{"sampler": "dpm++", "steps": 20}]
-    assert evaluate.sampler_settings(None, None, T=8) == [{"sampler": "dpm++", "steps": 8}]
+    rows = rows_for("--sampler", "ddpm", "ddim", "dpm++", "--steps", "10", "20", T=50)
+    assert rows == [("ddpm", 50, None, 2.0), ("ddim", 10, 1.0, 2.0), ("ddim", 20, 1.0, 2.0),
+                    ("dpm++", 10, 1.0, 2.0), ("dpm++", 20, 1.0, 2.0)]
+    assert rows_for("--steps", "5", T=50) == [("dpm++", 5, 1.0, 2.0)]  # the default sampler
+    assert rows_for(T=500) == [("dpm++", 20, 1.0, 2.0)]
+    assert rows_for(T=8) == [("dpm++", 8, 1.0, 2.0)]
+    assert rows_for("--guidance", "0", "4", "--eta", "0", T=8) == [("dpm++", 8, 0.0, 0.0), ("dpm++", 8, 0.0, 4.0)]
     with pytest.raises(UsageError):
-        evaluate.sampler_settings(["ddim"], [60], T=50)
+        rows_for("--sampler", "ddim", "--steps", "60", T=50)
 
 
 def test_evaluate_checkpoint_end_to_end(trained_run, tmp_path, capsys):
@@ -76,7 +82,7 @@ def test_evaluate_npz(trained_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, words", [
     (["--steps", "9"], "at most T=8"),
-    (["--sampler", "ddpm", "--steps", "4"], "--steps is for --sampler ddim or dpm++"),
+    (["--sampler", "ddpm", "--steps", "4"], "always takes all T steps"),
     (["--npz", "missing.npz"], "cannot read"),
 ])
 def test_evaluate_bad_input(trained_run, tmp_path, monkeypatch, capsys, extra, words):

@@ -46,5 +46,5 @@ def test_confusions_name_the_most_frequent_mistakes():
 def test_study_bad_width_is_one_line(tmp_path, capsys):
     assert experiments.main(["--n-feat", "12", "--out-dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "multiples of 8" in err
+    assert len(err.splitlines()) == 1 and "multiple of 8" in err
     assert not os.path.exists(tmp_path / "x")

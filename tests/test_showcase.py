@@ -16,7 +16,8 @@ import evaluate
 import sample
 import train
 from conftest import TINY_TRAIN, write_fake_mnist
-from data import CLASS_NAMES, load_dataset
+from data import DATASETS, load_dataset
+from generation import blended_labels
 
 
 def run_sample(trained_run, tmp_path, *args: str) -> int:
@@ -37,7 +38,7 @@ def test_soft_labels_embed_as_the_blend_of_class_embeddings():
 
 def test_interpolation_ends_are_the_pure_classes(trained_run):
     ddpm, _ = checkpoint.load_sampler(trained_run["checkpoint"], torch.device("cpu"))
-    labels = sample.blended_labels(2, 5, 5, 10)
+    labels = blended_labels(2, 5, 5, 10)
     assert labels.shape == (5, 11) and labels[2, 2] == labels[2, 5] == 0.5
     how = dict(sampler="ddim", steps=4, eta=1.0, shared_noise=True)
     row = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(0), **how)
@@ -146,4 +147,4 @@ def test_evaluate_uses_a_classifier_per_dataset(fashion_run, tmp_path, monkeypat
     out = capsys.readouterr().out
     assert "fashion-mnist classifier" in out and "real training images" in out
     assert os.path.exists(os.path.join("checkpoints", "classifier", "classifier_fashion-mnist.pt"))
-    assert CLASS_NAMES["fashion-mnist"][9] == "Ankle boot"
+    assert DATASETS["fashion-mnist"].class_names[9] == "Ankle boot"

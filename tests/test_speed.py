@@ -9,13 +9,14 @@ import torch
 import speed
 import train
 from conftest import TINY_TRAIN, write_fake_mnist
+from data import batches
 
 
 def test_device_data_and_dataloader_give_the_same_batches():
     images = torch.randint(0, 256, (37, 28, 28), dtype=torch.uint8)
     labels = torch.arange(37)
-    fast = list(speed.batches(images, labels, 8, torch.Generator().manual_seed(3), speed.Speed(), torch.device("cpu")))
-    plain = list(speed.batches(images, labels, 8, torch.Generator().manual_seed(3), speed.PLAIN, torch.device("cpu")))
+    fast = list(batches(images, labels, 8, torch.Generator().manual_seed(3), on_device=True))
+    plain = list(batches(images, labels, 8, torch.Generator().manual_seed(3), on_device=False))
     assert [len(y) for _, y in fast] == [8, 8, 8, 8, 5]
     for (xa, ya), (xb, yb) in zip(fast, plain, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)

@@ -1,0 +1,157 @@
+"""Every setting of a run, typed, checked in one place, and stored in the checkpoint as a plain dict.
+
+A :class:`Config` has three parts: the network (:class:`ModelConfig`), the noise schedule
+(:class:`DiffusionConfig`) and the training run (:class:`TrainConfig`). Each setting is a dataclass
+field whose metadata gives its command-line help and the rule it must obey, so that ``train.py``
+builds its flags from these fields and a new setting is one field here plus the code that uses it.
+A setting ``n_feat`` is the flag ``--n-feat``; setting names are unique across the parts.
+
+:class:`UsageError` is the project's one kind of bad-input error: scripts print it as one line and
+exit with status 2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Callable
+
+
+class UsageError(Exception):
+    """Bad input. Reported as one line on stderr with exit status 2, never as a traceback."""
+
+
+# rule name -> (parse a command-line string, the test a value must pass, what the test asks for)
+RULES: dict[str, tuple[Callable[[str], Any], Callable[[Any], bool], str]] = {
+    "positive_int": (int, lambda v: v >= 1, "a positive integer"),
+    "non_negative_int": (int, lambda v: v >= 0, "an integer >= 0"),
+    "positive_float": (float, lambda v: 0 < v < math.inf, "a positive number"),
+    "non_negative_float": (float, lambda v: 0 <= v < math.inf, "a number >= 0"),
+    "int": (int, lambda v: True, "an integer"),
+}
+
+
+def setting(default: Any, rule: str, help: str, flag: bool = True) -> Any:
+    """A dataclass field that is a setting: its default, its rule (:data:`RULES`) and its help text.
+
+    ``flag=False`` marks a setting that comes from the data set rather than the command line.
+    """
+    return field(default=default, metadata={"rule": rule, "help": help, "flag": flag})
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network: ``unet.ContextUnet(in_channels, n_feat, n_classes, image_size)``."""
+
+    n_feat: int = setting(128, "positive_int", "UNet width, a multiple of 8; the bottleneck has 2 * n_feat channels")
+    image_size: int = setting(28, "positive_int", "image height and width (from the data set)", flag=False)
+    in_channels: int = setting(1, "positive_int", "image channels (from the data set)", flag=False)
+    n_classes: int = setting(10, "positive_int", "number of classes (from the data set)", flag=False)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The forward process: ``T`` steps of a linear beta schedule (``ddpm.DDPM``)."""
+
+    T: int = setting(500, "positive_int", "diffusion steps")
+    beta_start: float = setting(1e-4, "positive_float", "first beta of the linear schedule")
+    beta_end: float = setting(0.02, "positive_float", "last beta of the linear schedule")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation, and the per-epoch progress grids it draws."""
+
+    epochs: int = setting(20, "positive_int", "epochs")
+    batch_size: int = setting(256, "positive_int", "batch size")
+    lr: float = setting(1e-4, "positive_float", "Adam learning rate, decayed linearly per epoch")
+    p_uncond: float = setting(0.1, "non_negative_float", "probability of dropping a label (classifier-free guidance)")
+    ema_decay: float = setting(0.995, "non_negative_float", "EMA decay of the sampling weights")
+    seed: int = setting(0, "int", "random seed (weights, data order, noise)")
+    guidance: float = setting(2.0, "non_negative_float", "guidance scale of the per-epoch grids")
+    grid_rows: int = setting(4, "positive_int", "rows of classes 0..9 in each per-epoch grid")
+    grid_steps: int = setting(20, "non_negative_int",
+                              "steps of the default sampler for the per-epoch grids; 0 = the full ancestral sampler")
+
+
+PARTS = {"model": ModelConfig, "diffusion": DiffusionConfig, "training": TrainConfig}
+
+
+def settings() -> dict[str, tuple[str, Any]]:
+    """Every setting by name: ``name -> (part, dataclass field)``."""
+    return {f.name: (part, f) for part, cls in PARTS.items() for f in fields(cls)}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One run: ``model``, ``diffusion`` and ``training``, the data set's name and the preset it started from."""
+
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    training: TrainConfig = TrainConfig()
+    dataset: str = "mnist"
+    preset: str = "default"
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting by name (``{"T": 500, "n_feat": 128, ...}``)."""
+        return {name: getattr(getattr(self, part), name) for name, (part, _) in settings().items()}
+
+    def override(self, **values: Any) -> Config:
+        """This config with the named settings (or ``dataset``/``preset``) replaced; unknown names are an error."""
+        known = settings()
+        unknown = set(values) - set(known) - {"dataset", "preset"}
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        parts = {part: replace(getattr(self, part), **{k: v for k, v in values.items() if k in known
+                                                         and known[k][0] == part}) for part in PARTS}
+        top = {k: v for k, v in values.items() if k in ("dataset", "preset")}
+        return replace(self, **parts, **top)
+
+    def validate(self) -> Config:
+        """``self`` if every setting obeys its rule and the settings agree; else a one-line :class:`UsageError`."""
+        known = settings()
+        for name, value in self.flat().items():
+            _, ok, wanted = RULES[known[name][1].metadata["rule"]]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):
+                raise UsageError(f"{flag_name(name)} must be {wanted}, got {value!r}")
+        m, d, t = self.model, self.diffusion, self.training
+        checks = [
+            (m.n_feat % 8 == 0, f"--n-feat must be a multiple of 8 (GroupNorm uses 8 groups), got {m.n_feat}"),
+            (m.image_size % 4 == 0, f"image size must be a multiple of 4 (two 2x poolings), got {m.image_size}"),
+            (d.beta_start <= d.beta_end < 1,
+             f"need --beta-start <= --beta-end < 1, got {d.beta_start} and {d.beta_end}"),
+            (t.p_uncond < 1, f"--p-uncond must be below 1, got {t.p_uncond}"),
+            (t.ema_decay < 1, f"--ema-decay must be below 1, got {t.ema_decay}"),
+            (t.grid_steps <= d.T, f"--grid-steps must be at most T={d.T}, got {t.grid_steps}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain nested dict of numbers and strings: what the checkpoint stores."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, stored: dict[str, Any]) -> Config:
+        """Read :meth:`to_dict`'s form, or the flat dict of version-1 checkpoints (``{"T": ..., "n_feat": ...}``)."""
+        if all(isinstance(stored.get(part), dict) for part in PARTS):
+            flat = {k: v for part in PARTS for k, v in stored[part].items()}
+            flat.update({k: stored[k] for k in ("dataset", "preset") if k in stored})
+        else:
+            flat = dict(stored)
+        known = set(settings()) | {"dataset", "preset"}
+        return cls().override(**{k: v for k, v in flat.items() if k in known})
+
+
+# The ancestor's run, and a small model sized for a 2-core CPU (see the README for their measured times).
+PRESETS: dict[str, Config] = {
+    "default": Config(),
+    "cpu": Config().override(n_feat=32, beta_start=2e-4, beta_end=0.04, batch_size=64, lr=1e-3, grid_rows=1,
+                             preset="cpu"),
+}

@@ -1,0 +1,242 @@
+"""The training loop: Algorithm 1 of Ho et al. 2020 over epochs, with an EMA of the weights.
+
+:func:`train` runs (or continues) a run described by a :class:`config.Config` on images already in
+memory and writes, after every epoch, a grid of samples, the loss plot and the checkpoint.
+``train.py`` is its command line; ``experiments.py`` calls it directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from checkpoint import build_ddpm, checkpoint_path, run_tag, save_checkpoint  # noqa: E402
+from config import Config  # noqa: E402
+from data import DATASETS, batches, save_grid, to_model_range  # noqa: E402
+from ddpm import DDPM, DEFAULT_SAMPLER  # noqa: E402
+from distributed import SINGLE, Replicas, Shard, sum_over_ranks  # noqa: E402
+from fileio import atomic_write, ensure_writable_dir  # noqa: E402
+from generation import Sampling, generate  # noqa: E402
+from speed import PLAIN, Speed, autocast, prepare_model  # noqa: E402
+
+
+@dataclass
+class TrainState:
+    """What a training step changes: the DDPM's network, its EMA copy and the optimizer."""
+
+    ddpm: DDPM
+    ema: nn.Module
+    optimizer: torch.optim.Optimizer
+    replicas: Replicas
+    speed: Speed = PLAIN
+
+
+def output_paths(out_dir: str, config: Config) -> dict[str, str]:
+    """Every file a run writes, under the ancestor's names (``<T>_<n_feat>``, dataset-prefixed unless MNIST)."""
+    T, n_feat = config.diffusion.T, config.model.n_feat
+    tag = run_tag(T, n_feat, config.dataset)
+    return {
+        "grids": os.path.join(out_dir, f"DDMP_generated_samples_{tag}"),
+        "grid": os.path.join(out_dir, f"DDMP_generated_samples_{tag}", "samples_epoch{epoch}_" + tag + ".png"),
+        "loss_plot": os.path.join(out_dir, f"loss_plot_{tag}.png"),
+        "checkpoint": checkpoint_path(out_dir, T, n_feat, config.dataset),
+        "snapshot": os.path.join(out_dir, "checkpoints", "snapshots", f"ddpm_{tag}_epoch{{epoch}}.pt"),
+    }
+
+
+def prepare_outputs(out_dir: str, paths: dict[str, str]) -> None:
+    """Create the output folders and prove they can be written, before any training."""
+    for folder in (out_dir, paths["grids"], os.path.dirname(paths["checkpoint"])):
+        ensure_writable_dir(folder, "output folder")
+
+
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * model``, parameter by parameter."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+        for e, b in zip(ema.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    # Warm up: early on the EMA would otherwise remember the random initialisation.
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+def make_optimizer(model: nn.Module, lr: float, speed: Speed) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=speed.fused_optimizer or None)
+
+
+def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor,
+               draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ema_decay: float,
+               batch: int | None = None) -> torch.Tensor:
+    """Algorithm 1 on one batch: the loss ``|eps - eps_model(x_t, t, y)|^2``, a gradient step, the EMA update.
+
+    ``images`` are ``uint8 (B, H, W)``; ``draws`` are the batch's ``t``, ``eps`` and dropped labels
+    (``DDPM.draw_training_noise``). Returns the loss without reading it back (that would wait for the
+    device). With several processes, ``images`` are this rank's slice of a global batch of ``batch``.
+    """
+    x0 = to_model_range(images, state.speed.channels_last)
+    with autocast(x0.device, state.speed):
+        loss = state.replicas.module(x0, labels, draws=draws)  # DDPM.loss
+    state.optimizer.zero_grad(set_to_none=True)
+    state.replicas.backward(loss, len(images), batch or len(images))
+    state.optimizer.step()
+    update_ema(state.ema, state.ddpm.eps_model, ema_decay)
+    return state.replicas.share(loss, len(images), batch or len(images))
+
+
+def train_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tensor, config: Config, epoch: int,
+                step: int) -> list[float]:
+    """One pass over ``images (N, H, W) uint8`` in a seeded random order; returns the per-step losses.
+
+    Every rank walks the same order and draws the same noise for the whole batch, keeping its slice.
+    """
+    run, device, shard = config.training, images.device, state.replicas.shard
+    order_gen = torch.Generator().manual_seed(run.seed * 7919 + epoch)
+    noise_gen = torch.Generator(device=device).manual_seed(run.seed * 7919 + epoch + 1)
+    for group in state.optimizer.param_groups:
+        group["lr"] = run.lr * (1 - epoch / run.epochs)
+    losses: list[float] = []
+    pending: list[torch.Tensor] = []  # losses not yet read back: reading one waits for the device
+    bar = tqdm(total=-(-len(images) // run.batch_size), desc=f"epoch {epoch + 1}/{run.epochs}",
+               dynamic_ncols=True, file=sys.stderr, disable=not shard.is_main)
+    state.ddpm.train()
+    for i, (x, y) in enumerate(batches(images, labels, run.batch_size, order_gen, state.speed.on_device_data,
+                                       device, state.replicas.part)):
+        batch = min(run.batch_size, len(images) - i * run.batch_size)
+        draws = state.ddpm.draw_training_noise(batch, state.ddpm.image_shape, device, noise_gen)
+        draws = tuple(state.replicas.part(d) for d in draws)
+        pending.append(train_step(state, x, y, draws, ema_decay_at(step + i, run.ema_decay), batch))
+        if len(pending) == state.speed.log_every or i == bar.total - 1:
+            losses += sum_over_ranks(torch.stack(pending).float(), shard).tolist()
+            bar.update(len(pending))
+            pending.clear()
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    bar.close()
+    return losses
+
+
+def grid_sampling(config: Config) -> Sampling:
+    """The per-epoch grids: the default sampler with ``grid_steps`` steps (0: the full ancestral sampler).
+
+    A grid is a progress picture, and a full ancestral run each epoch would cost more than the epoch
+    itself on a CPU.
+    """
+    run = config.training
+    if run.grid_steps == 0:
+        return Sampling("ddpm", guidance=run.guidance)
+    return Sampling(DEFAULT_SAMPLER, steps=run.grid_steps, guidance=run.guidance)
+
+
+def sample_grid(ema: nn.Module, config: Config, path: str) -> None:
+    """Draw ``grid_rows`` rows of classes 0..9 with the EMA weights, the same noise every epoch."""
+    d = config.diffusion
+    ddpm = DDPM(ema, d.T, d.beta_start, d.beta_end).to(next(ema.parameters()).device)
+    ema.eval()
+    labels = torch.arange(config.model.n_classes).repeat(config.training.grid_rows)
+    x = generate(ddpm, labels, grid_sampling(config), seed=config.training.seed, batch_size=len(labels))
+    header = None if config.dataset == "mnist" else list(DATASETS[config.dataset].class_names)
+    save_grid(x, path, ncol=config.model.n_classes, header=header)
+
+
+def plot_losses(losses: list[float], steps_per_epoch: int, path: str, title: str) -> None:
+    """Loss per step (thin) and mean loss per epoch (dots), against epochs."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = torch.arange(1, len(losses) + 1) / steps_per_epoch
+    ax.plot(steps.tolist(), losses, lw=0.6, alpha=0.5, label="per step")
+    per_epoch = [sum(losses[i:i + steps_per_epoch]) / len(losses[i:i + steps_per_epoch])
+                 for i in range(0, len(losses), steps_per_epoch)]
+    ax.plot(list(range(1, len(per_epoch) + 1)), per_epoch, "o-", label="epoch mean")
+    ax.set(xlabel="epoch", ylabel="MSE loss (noise)", yscale="log", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def draw_progress(state: TrainState, config: Config, losses: list[float], epoch: int, paths: dict[str, str],
+                  steps_per_epoch: int) -> None:
+    """The sample grid of ``epoch`` and the loss plot so far."""
+    sample_grid(state.ema, config, paths["grid"].format(epoch=epoch))
+    title = f"DDPM T={config.diffusion.T}, n_feat={config.model.n_feat}"
+    plot_losses(losses, steps_per_epoch, paths["loss_plot"],
+                title + ("" if config.dataset == "mnist" else f", {config.dataset}"))
+
+
+def keep_snapshot(paths: dict[str, str], epoch: int) -> None:
+    """A copy of the checkpoint just written, kept as ``snapshots/ddpm_<T>_<n_feat>_epoch<e>.pt``."""
+    target = paths["snapshot"].format(epoch=epoch)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    atomic_write(target, lambda tmp: shutil.copyfile(paths["checkpoint"], tmp))
+
+
+def build_state(config: Config, device: torch.device, speed: Speed, shard: Shard,
+                ckpt: dict[str, Any] | None) -> tuple[TrainState, dict[str, Any]]:
+    """A fresh (seeded) or resumed training state, and the history so far (losses, epoch, seconds)."""
+    torch.manual_seed(config.training.seed)
+    ddpm = build_ddpm(config).to(device)
+    ema = copy.deepcopy(ddpm.eps_model).requires_grad_(False)
+    prepare_model(ddpm.eps_model, speed)
+    optimizer = make_optimizer(ddpm.eps_model, config.training.lr, speed)
+    history: dict[str, Any] = {"losses": [], "epoch": 0, "train_seconds": 0.0}
+    if ckpt is not None:
+        ddpm.eps_model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        history = {key: ckpt[key] for key in history}
+    return TrainState(ddpm, ema, optimizer, Replicas(ddpm, shard, device), speed), history
+
+
+def train(config: Config, images: torch.Tensor, labels: torch.Tensor, paths: dict[str, str],
+          speed: Speed = PLAIN, shard: Shard = SINGLE, ckpt: dict[str, Any] | None = None,
+          snapshot_epochs: Sequence[int] = ()) -> dict[str, Any]:
+    """Run (or, from ``ckpt``, continue) training to ``config.training.epochs`` on ``images`` where they lie.
+
+    Rank 0 writes every per-epoch file. Returns the history: ``losses`` (every step), ``epoch``, ``train_seconds``.
+    """
+    device = images.device
+    state, history = build_state(config, device, speed, shard, ckpt)
+    steps_per_epoch = -(-len(images) // config.training.batch_size)
+    log = functools.partial(print, file=sys.stderr) if shard.is_main else lambda *a, **k: None
+    log(describe_run(config, len(images), device, speed, shard, history["epoch"]))
+    for epoch in range(history["epoch"], config.training.epochs):
+        started = time.perf_counter()
+        history["losses"] += train_epoch(state, images, labels, config, epoch, len(history["losses"]))
+        if shard.is_main:
+            draw_progress(state, config, history["losses"], epoch + 1, paths, steps_per_epoch)
+        history["epoch"] = epoch + 1
+        history["train_seconds"] += time.perf_counter() - started
+        if shard.is_main:
+            save_checkpoint(paths["checkpoint"], config, model=state.ddpm.eps_model.state_dict(),
+                            ema=state.ema.state_dict(), optimizer=state.optimizer.state_dict(), **history)
+            if epoch + 1 in snapshot_epochs:
+                keep_snapshot(paths, epoch + 1)
+        mean = sum(history["losses"][-steps_per_epoch:]) / steps_per_epoch
+        log(f"epoch {epoch + 1}/{config.training.epochs}: loss {mean:.4f}, "
+            f"{time.perf_counter() - started:.1f}s, total {history['train_seconds']:.1f}s")
+    log(f"done: {paths['checkpoint']}")
+    return history
+
+
+def describe_run(config: Config, n_images: int, device: torch.device, speed: Speed, shard: Shard,
+                 done: int) -> str:
+    run = config.training
+    per_rank = f" = {shard.world} processes x ~{run.batch_size // shard.world}" if shard.world > 1 else ""
+    return (f"training on {n_images} images, {device}, T={config.diffusion.T} n_feat={config.model.n_feat} "
+            f"batch {run.batch_size}{per_rank}, epochs {done + 1}..{run.epochs}; {speed}")
