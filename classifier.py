@@ -50,8 +50,25 @@ class Classifier(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(self.prepare(images))
 
+    def feature_blocks(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Features at three depths, for the quality metric (``evaluate.FeatureSpace``).
+
+        ``low``: after the first block (32 channels at 14x14), ``mid``: after the second (64 at 7x7), each
+        summarised by every channel's mean and standard deviation over the image (``(B, 64)``, ``(B, 128)``);
+        ``high``: the penultimate features (``(B, 128)``). The convolutional blocks see strokes, edges and
+        backgrounds, which the label-trained penultimate layer learns to ignore.
+        """
+        low = self.body[0](self.prepare(images))
+        mid = self.body[1](low)
+        return {"low": channel_stats(low), "mid": channel_stats(mid), "high": self.body[2:](mid)}
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
+
+
+def channel_stats(maps: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, 2C)``: each channel's mean and standard deviation over the image."""
+    return torch.cat((maps.mean((2, 3)), maps.std((2, 3))), dim=1)
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -31,7 +31,7 @@ from cli import ArgumentParser, pick_device, positive_int, run_cli
 from config import PRESETS, Config
 from data import load_dataset, to_uint8
 from ddpm import DEFAULT_SAMPLER, fewer_step_samplers
-from evaluate import Reference, features_of
+from metrics import Reference
 from fileio import atomic_write, ensure_writable_dir, write_text
 from generation import Sampling, generate, requested_labels
 from speed import default_speed
@@ -104,8 +104,7 @@ def confusions(predicted: torch.Tensor, labels: torch.Tensor, top: int = 3) -> l
     return sorted(found, key=lambda c: -c[2])[:top]
 
 
-def score_samples(path: str, how: Sampling, n: int, ref: Reference, model: clf.Classifier,
-                  device: torch.device) -> dict[str, Any]:
+def score_samples(path: str, how: Sampling, n: int, ref: Reference, device: torch.device) -> dict[str, Any]:
     """Accuracy, FID, top confusions and seconds per image of ``n`` digits per class."""
     ddpm, _ = load_sampler(path, device)
     labels = requested_labels(None, n, ddpm.eps_model.n_classes)
@@ -113,20 +112,19 @@ def score_samples(path: str, how: Sampling, n: int, ref: Reference, model: clf.C
     x = generate(ddpm, labels, how.resolve(ddpm.T), seed=0, batch_size=100)
     seconds = time.perf_counter() - started
     images = to_uint8(x)
-    score = ref.score(model, images, labels)
-    predicted = features_of(model, images)[1]
+    score = ref.score(images, labels)
+    predicted = ref.space.embed(images)["predicted"]
     return {"accuracy": score["accuracy"], "fid": score["fid"], "seconds_per_image": seconds / len(labels),
             "confusions": confusions(predicted, labels)}
 
 
-def measure(args: argparse.Namespace, out: dict[str, str], ref: Reference, model: clf.Classifier,
-            device: torch.device) -> dict[str, Any]:
+def measure(args: argparse.Namespace, out: dict[str, str], ref: Reference, device: torch.device) -> dict[str, Any]:
     """The final model with the full sampler and with the few-step one; the early model with the few-step one."""
     full, few = Sampling("ddpm", guidance=args.guidance, amp=args.amp), few_step_sampling(args)
-    row = {"full": score_samples(out["checkpoint"], full, args.eval_n, ref, model, device),
-           "few": score_samples(out["checkpoint"], few, args.eval_n, ref, model, device)}
+    row = {"full": score_samples(out["checkpoint"], full, args.eval_n, ref, device),
+           "few": score_samples(out["checkpoint"], few, args.eval_n, ref, device)}
     early = out["snapshot"].format(epoch=EARLY_EPOCH)
-    row["early"] = score_samples(early, few, args.eval_n, ref, model, device) if os.path.exists(early) else None
+    row["early"] = score_samples(early, few, args.eval_n, ref, device) if os.path.exists(early) else None
     return row
 
 
@@ -167,14 +165,14 @@ def copy_figures(args: argparse.Namespace, config: Config, epochs: int) -> list[
 
 
 def measure_configuration(args: argparse.Namespace, config: Config, data: tuple[torch.Tensor, torch.Tensor],
-                          ref: Reference, model: clf.Classifier, device: torch.device) -> dict[str, Any]:
+                          ref: Reference, device: torch.device) -> dict[str, Any]:
     """Train (or reuse) one configuration and measure it: one row of the table."""
     ckpt = train_configuration(args, config, data, device)
     steps_per_epoch = len(ckpt["losses"]) // ckpt["epoch"]
     row = {"T": config.diffusion.T, "n_feat": config.model.n_feat, "epochs": ckpt["epoch"],
            "train_seconds": ckpt["train_seconds"],
            "final_loss": sum(ckpt["losses"][-steps_per_epoch:]) / steps_per_epoch,
-           **measure(args, output_paths(args.out_dir, config), ref, model, device)}
+           **measure(args, output_paths(args.out_dir, config), ref, device)}
     if args.images_dir:
         copy_figures(args, config, ckpt["epoch"])
     return row
@@ -187,15 +185,16 @@ def _main(argv: Sequence[str] | None) -> int:
             ensure_writable_dir(folder, "output folder")
     device = pick_device(args.device)
     model, info = clf.load_or_train(args.data_root, args.classifier_cache or clf.default_cache("mnist"))
-    ref = Reference(model, args.data_root, args.eval_n, 0)
     data = load_dataset(args.data_root, train=True, download=not args.no_download)
+    ref = Reference(model, data, load_dataset(args.data_root, train=False, download=False))
+    floor = ref.floor(requested_labels(None, args.eval_n, 10))
     few = few_step_sampling(args).resolve(min(args.T)).describe()
     rows = []
     for T in dict.fromkeys(args.T):  # each value once, in the order given
         for n_feat in dict.fromkeys(args.n_feat):
-            rows.append(measure_configuration(args, configuration(args, T, n_feat), data, ref, model, device))
-            print(format_table(rows[-1:], ref.floor, few).splitlines()[-2], file=sys.stderr, flush=True)
-    table = format_table(rows, ref.floor, few)
+            rows.append(measure_configuration(args, configuration(args, T, n_feat), data, ref, device))
+            print(format_table(rows[-1:], floor, few).splitlines()[-2], file=sys.stderr, flush=True)
+    table = format_table(rows, floor, few)
     header = (f"guidance {args.guidance}, {args.eval_n} digits per class per score, sampling "
               f"{'bf16' if args.amp else 'fp32'} on {device}; classifier {100 * info['test_accuracy']:.2f}% "
               f"on the test split\n\n")

@@ -7,37 +7,38 @@ import pytest
 import torch
 
 import evaluate
+import metrics
 from cli import UsageError
 from conftest import fake_digits
 
 
 def test_fid_of_identical_sets_is_zero():
     features = torch.randn(500, 16, generator=torch.Generator().manual_seed(0))
-    assert evaluate.fid(features, features) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.fid(features, features) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_frechet_distance_of_known_gaussians():
     d = 8
     mu1, mu2 = torch.zeros(d), torch.full((d,), 0.5)
     # N(0, I) vs N(mu, 4 I): |mu|^2 + d * (1 + 4 - 2 * 2) = 0.25 d + d
-    assert evaluate.frechet_distance(mu1, torch.eye(d), mu2, 4 * torch.eye(d)) == pytest.approx(1.25 * d)
+    assert metrics.frechet_distance(mu1, torch.eye(d), mu2, 4 * torch.eye(d)) == pytest.approx(1.25 * d)
     # diagonal covariances: sum of (sqrt(a) - sqrt(b))^2
     a, b = torch.tensor([1.0, 4.0, 9.0]), torch.tensor([4.0, 1.0, 9.0])
-    assert evaluate.frechet_distance(torch.zeros(3), torch.diag(a), torch.zeros(3), torch.diag(b)) == pytest.approx(2.0)
+    assert metrics.frechet_distance(torch.zeros(3), torch.diag(a), torch.zeros(3), torch.diag(b)) == pytest.approx(2.0)
 
 
 def test_fid_grows_with_the_gap_and_matches_sampled_statistics():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(20000, 4, generator=g)
     y = torch.randn(20000, 4, generator=g) * 2 + 1
-    assert evaluate.fid(x, y) == pytest.approx(4 * 1 + 4 * (1 + 4 - 4), rel=0.05)
+    assert metrics.fid(x, y) == pytest.approx(4 * 1 + 4 * (1 + 4 - 4), rel=0.05)
 
 
 def test_diversity_is_zero_for_copies():
     features = torch.randn(1, 8).repeat(20, 1)
     labels = torch.zeros(20, dtype=torch.long)
-    assert evaluate.within_class_spread(features, labels) == pytest.approx(0.0, abs=1e-6)
-    spread = evaluate.within_class_spread(torch.randn(20, 8), labels)
+    assert metrics.within_class_spread(features, labels) == pytest.approx(0.0, abs=1e-6)
+    spread = metrics.within_class_spread(torch.randn(20, 8), labels)
     assert spread > 1.0
 
 
@@ -77,7 +78,9 @@ def test_evaluate_npz(trained_run, tmp_path, capsys):
     args = ["--npz", npz, "--data-root", trained_run["data"], "--n", "3",
             "--classifier-cache", str(tmp_path / "clf.pt"), "--classifier-epochs", "1"]
     assert evaluate.main(args) == 0
-    assert "| gen.npz | - | 30 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| gen.npz | - | 30 |" in out
+    assert "| real training digits | - | 30 |" in out  # the floor at the size of the scored set
 
 
 @pytest.mark.parametrize("extra, words", [
@@ -94,3 +97,32 @@ def test_evaluate_bad_input(trained_run, tmp_path, monkeypatch, capsys, extra, w
     assert evaluate.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert words in err[-1] and not any("Traceback" in line for line in err)
+
+
+def test_precision_and_recall_of_identical_sets_are_one():
+    features = torch.randn(400, 6, generator=torch.Generator().manual_seed(0))
+    assert metrics.precision_recall(features, features) == (1.0, 1.0)
+
+
+def test_a_collapsed_set_has_high_precision_and_low_recall():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(1000, 4, generator=g)
+    collapsed = 0.1 * torch.randn(1000, 4, generator=g)  # every sample near the mode
+    precision, recall = metrics.precision_recall(real, collapsed)
+    assert precision > 0.95 and recall < 0.3
+    shifted = torch.randn(1000, 4, generator=g) + 4.0  # off the real manifold: both low
+    assert max(metrics.precision_recall(real, shifted)) < 0.2
+    another = torch.randn(1000, 4, generator=g)  # a second real sample: both high
+    assert min(metrics.precision_recall(real, another)) > 0.85
+
+
+def test_knn_radii_and_coverage_by_hand():
+    points = torch.tensor([[0.0], [1.0], [3.0]])
+    assert metrics.knn_radii(points, k=1).tolist() == [1.0, 1.0, 2.0]
+    assert metrics.coverage(torch.tensor([[0.5], [2.2], [9.0]]), points, torch.tensor([0.4, 0.1, 1.0])) == pytest.approx(1 / 3)
+
+
+def test_class_matched_draw_follows_the_labels():
+    pool = torch.arange(100) % 10
+    index = metrics.class_matched(torch.tensor([3, 3, 3, 7]), pool, seed=0)
+    assert sorted(pool[index].tolist()) == [3, 3, 3, 7] and len(set(index.tolist())) == 4

@@ -1,0 +1,45 @@
+"""The quality metric must move on the defects a person sees, and stay put for another real sample.
+
+These run on real MNIST, which the tests never download: they use the data root named by the environment
+variable ``MNIST_DATA_ROOT`` (or ``./data``, the scripts' default) and are skipped when it holds no MNIST.
+The classifier is trained here for two epochs (about half a minute on a 2-core CPU); the README's table
+(``benchmarks/metric_sanity.py``) gives the same cases with the fully trained one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import classifier
+from benchmarks.metric_sanity import defects, two_real_samples
+from data import load_dataset
+from metrics import Reference
+
+ROOT = os.environ.get("MNIST_DATA_ROOT", "data")
+pytestmark = pytest.mark.skipif(
+    not os.path.isfile(os.path.join(ROOT, "MNIST", "raw", "t10k-images-idx3-ubyte")),
+    reason="real MNIST not found: set MNIST_DATA_ROOT to a data root holding MNIST/raw")
+
+
+@pytest.fixture(scope="module")
+def real():
+    train = load_dataset(ROOT, train=True, download=False)
+    test = load_dataset(ROOT, train=False, download=False)
+    model = classifier.train_classifier(*train, epochs=2)
+    first, second = two_real_samples(train[1], per_class=100)
+    ref = Reference(model, train, test)
+    return {"ref": ref, "first": (train[0][first], train[1][first]), "second": (train[0][second], train[1][second])}
+
+
+def test_a_second_real_sample_stays_at_the_floor(real):
+    floor, again = real["ref"].score(*real["first"]), real["ref"].score(*real["second"])
+    assert again["fid"] < 1.5 * floor["fid"]
+    assert abs(again["precision"] - floor["precision"]) < 0.05 and abs(again["recall"] - floor["recall"]) < 0.05
+
+
+def test_every_defect_raises_the_fid_clearly_above_the_floor(real):
+    floor = real["ref"].score(*real["first"])["fid"]
+    for name, (images, labels) in defects(*real["first"]).items():
+        assert real["ref"].score(images, labels)["fid"] > 3 * floor, name
