@@ -62,8 +62,9 @@ class Run:
     def stderr(self) -> str:
         return read_text(self.err)
 
-    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match | None:
-        """The first match of ``pattern`` in stderr; ``None`` if the process ends without one."""
+    def wait_for(self, pattern: str, timeout: float = 120, required: bool = True) -> re.Match | None:
+        """The first match of ``pattern`` in stderr; ``None`` if the process ends first, or (not ``required``)
+        when ``timeout`` seconds pass first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ended = self.proc.poll() is not None
@@ -71,7 +72,8 @@ class Run:
             if found or ended:
                 return found
             time.sleep(0.005)
-        raise AssertionError(f"no {pattern!r} after {timeout}s: {self.stderr()[-1000:]}")
+        assert not required, f"no {pattern!r} after {timeout}s: {self.stderr()[-1000:]}"
+        return None
 
     def wait(self, timeout: float = 180) -> int:
         return self.proc.wait(timeout=timeout)
@@ -83,13 +85,12 @@ class Run:
 
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory) -> dict:
-    """The uninterrupted run, the seconds before it printed its first line, and the seconds from there to its end."""
+    """The uninterrupted run, and the seconds it took to start (to print its first line)."""
     launched, run = time.monotonic(), Run(data, str(tmp_path_factory.mktemp("reference") / "out"))
     assert run.wait_for("training on")
-    started = time.monotonic()
+    start = time.monotonic() - launched
     assert run.wait() == 0, run.stderr()[-2000:]
-    return {"ckpt": torch.load(run.checkpoint, weights_only=True), "seconds": time.monotonic() - started,
-            "start": started - launched}
+    return {"ckpt": torch.load(run.checkpoint, weights_only=True), "start": start}
 
 
 def assert_same_run(ckpt: dict, reference: dict) -> None:
@@ -110,39 +111,60 @@ def leftovers(out: str) -> list[str]:
             if f.startswith((fileio.TEMP_PREFIX, ".write-test-"))]
 
 
-def kill_moment(run: Run, rng: random.Random, at_writes: bool, epoch: float, done: int) -> float:
-    """Seconds to wait before the kill: from the end of the epoch's steps if ``at_writes``, else from now.
+def wait_for_kill_moment(run: Run, rng: random.Random, kind: int, done: int, start_up: float) -> None:
+    """Wait for a seeded random moment of ``run``, which resumes after ``done`` epochs of 2.
 
-    A run that starts in the last epoch is killed before its end, so that the loop makes all its kills.
+    ``kind`` 0: during start-up (imports, data, lock, clean-up); 1: inside a step of the epoch it starts in;
+    2: inside the write of epoch 1's grid, loss plot or checkpoint; 3: inside a step of epoch 2. The last
+    epoch is never let finish, so that the loop makes all its kills.
     """
-    if at_writes and run.wait_for(r"epoch 1/2: 100%"):
-        return rng.uniform(0, 0.15)  # inside the grid, the plot or the checkpoint
-    return rng.uniform(0, 0.8 * epoch if done == 1 else 1.2 * epoch)
+    if kind == 0:
+        run.wait_for("training on", rng.uniform(0.3, 1.0) * start_up, required=False)
+        return
+    assert run.wait_for("training on"), run.stderr()[-2000:]
+    if kind == 2 and done == 0:
+        inside_write(run, rng.choice(["samples_epoch1_", "loss_plot_", "ddpm_8_8-"]))
+        return
+    epoch = 2 if kind == 3 else done + 1
+    assert run.wait_for(rf"epoch {epoch}/2: .*\| {rng.randint(1, STEPS - 5)}/{STEPS}"), run.stderr()[-2000:]
+    time.sleep(rng.uniform(0, 0.05))  # a step takes about that long
+
+
+def inside_write(run: Run, name: str) -> None:
+    """Wait until the temp file of ``name`` (a file name's start) exists: the run is writing that file.
+
+    Gives up when epoch 2 starts (the write was too quick to be seen).
+    """
+    folders = [run.out, os.path.join(run.out, "checkpoints"), os.path.join(run.out, "DDMP_generated_samples_8_8")]
+    while run.proc.poll() is None:
+        for folder in folders:
+            if os.path.isdir(folder) and any(f.startswith(fileio.TEMP_PREFIX + name) for f in os.listdir(folder)):
+                return
+        if "epoch 2/2" in run.stderr():
+            return
+        time.sleep(0.0005)
 
 
 def test_kill_9_at_random_moments_loses_nothing(data, reference, tmp_path):
     """SIGKILL at seeded random moments, each followed by a restart (``--resume`` once a checkpoint exists).
 
-    The moments cycle through: during start-up (data, lock, clean-up), anywhere in the first epoch, and just
-    as an epoch's grid, plot and checkpoint are written. A run that starts in the last epoch is killed
-    before its end, so that the loop makes all its kills. After every kill the checkpoint, if any, loads;
-    the next run removes a temp file the kill left and takes over its lock; the end is the uninterrupted run.
+    After every kill the checkpoint, if any, loads; the next run removes a temp file the kill left and takes
+    over its lock; the end is the uninterrupted run.
     """
     rng, out = random.Random(15), str(tmp_path / "out")
     path, lock = checkpoint.checkpoint_path(out, 8, 8), os.path.join(out, "checkpoints", "ddpm_8_8.lock")
-    kills, loaded, temps, holder = 0, 0, 0, ""
+    kills, loaded, temps, holder, left = 0, 0, 0, "", []
     while kills < 10:
         done = torch.load(path, weights_only=True)["epoch"] if os.path.exists(path) else 0
-        launched, run = time.monotonic(), Run(data, out, *(["--resume"] if os.path.exists(path) else []))
-        if kills % 3 == 0:
-            time.sleep(rng.uniform(0.5, 1.0) * reference["start"])
-        else:
-            assert run.wait_for("training on"), run.stderr()[-2000:]
+        run = Run(data, out, *(["--resume"] if os.path.exists(path) else []))
+        wait_for_kill_moment(run, rng, kills % 4, done, reference["start"])
+        if "training on" in run.stderr():  # it took over the killed run's lock and removed its temp files
             assert "taking over the lock" in run.stderr() or not holder
-            time.sleep(kill_moment(run, rng, kills % 3 == 2 and done == 0, reference["seconds"] / 2, done))
+            assert "temporary file(s) that a killed run left" in run.stderr() or not left
         run.proc.kill()
-        assert run.wait() == -signal.SIGKILL, f"run {kills} ended by itself after {time.monotonic() - launched:.1f}s"
-        kills, temps = kills + 1, temps + len(leftovers(out))
+        assert run.wait() == -signal.SIGKILL, run.stderr()[-2000:]
+        kills, left = kills + 1, [f for f in leftovers(out) if os.path.basename(f).startswith(fileio.TEMP_PREFIX)]
+        temps += len(left)
         holder = read_text(lock) if os.path.exists(lock) else ""
         if os.path.exists(path):
             torch.load(path, weights_only=True)
@@ -152,7 +174,7 @@ def test_kill_9_at_random_moments_loses_nothing(data, reference, tmp_path):
     assert last.wait() == 0, last.stderr()[-2000:]
     print(f"kill -9 loop: {kills} kills, {loaded} checkpoints loaded after them, {temps} temp files left "
           "by a kill (removed by the next run)")
-    assert leftovers(out) == [] and not os.path.exists(lock)
+    assert loaded >= 5 and leftovers(out) == [] and not os.path.exists(lock)
     assert_same_run(torch.load(last.checkpoint, weights_only=True), reference["ckpt"])
 
 
