@@ -66,8 +66,7 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
 
 
 def _sync(path: str) -> None:
-    """``fsync`` a file or a folder; a folder that cannot be opened or synced (Windows, some file systems) is
-    skipped."""
+    """``fsync`` a file or a folder; a folder the OS cannot open or sync (Windows, some file systems) is skipped."""
     folder = os.path.isdir(path)
     try:
         fd = os.open(path, os.O_RDONLY)

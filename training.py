@@ -288,7 +288,7 @@ def build_state(config: Config, device: torch.device, speed: Speed, shard: Shard
 
 
 @dataclass
-class Run:
+class Job:
     """What :func:`train` keeps beside the :class:`TrainState`: the settings, the files, the progress so far."""
 
     config: Config
@@ -307,47 +307,47 @@ def train(config: Config, images: torch.Tensor, labels: torch.Tensor, paths: dic
     it after the current step with a checkpoint and :class:`stopping.Interrupted`.
     """
     state, history = build_state(config, images.device, speed, shard, ckpt)
-    run = Run(config, paths, history, steps_per_epoch(len(images), config.training.batch_size), snapshot_epochs)
+    job = Job(config, paths, history, steps_per_epoch(len(images), config.training.batch_size), snapshot_epochs)
     log = functools.partial(print, file=sys.stderr) if shard.is_main else lambda *a, **k: None
-    log(describe_run(config, len(images), images.device, speed, shard, history, run.steps))
+    log(describe_run(config, len(images), images.device, speed, shard, history, job.steps))
     with StopRequests() as stop:
         for epoch in range(history["epoch"], config.training.epochs):
             started, first = time.perf_counter(), history["step"]
             done = train_epoch(state, images, labels, config, epoch, len(history["losses"]) - first, stop, first)
             history["losses"] += done
             history["step"] = first + len(done)
-            if history["step"] < run.steps:  # asked to stop inside the epoch: keep what it did
+            if history["step"] < job.steps:  # asked to stop inside the epoch: keep what it did
                 history["train_seconds"] += time.perf_counter() - started
-                check_weights(state, epoch, history["step"], run.steps, config.training.lr)
-                write_checkpoint(state, run)
-                raise Interrupted(interrupted(epoch, history["step"], run.steps), stop.signum or signal.SIGTERM)
-            end_epoch(state, run, epoch, started)
-            mean = sum(history["losses"][-run.steps:]) / run.steps
+                check_weights(state, epoch, history["step"], job.steps, config.training.lr)
+                write_checkpoint(state, job)
+                raise Interrupted(interrupted(epoch, history["step"], job.steps), stop.signum or signal.SIGTERM)
+            end_epoch(state, job, epoch, started)
+            mean = sum(history["losses"][-job.steps:]) / job.steps
             log(f"epoch {epoch + 1}/{config.training.epochs}: loss {mean:.4f}, "
                 f"{time.perf_counter() - started:.1f}s, total {history['train_seconds']:.1f}s")
             if epoch + 1 < config.training.epochs and asked_to_stop(stop, shard, images.device):
-                raise Interrupted(interrupted(epoch, run.steps, run.steps), stop.signum or signal.SIGTERM)
+                raise Interrupted(interrupted(epoch, job.steps, job.steps), stop.signum or signal.SIGTERM)
     log(f"done: {paths['checkpoint']}")
     return history
 
 
-def end_epoch(state: TrainState, run: Run, epoch: int, started: float) -> None:
+def end_epoch(state: TrainState, job: Job, epoch: int, started: float) -> None:
     """After epoch ``epoch`` (from 0): check the weights, draw the grid and the loss plot, save the checkpoint."""
-    check_weights(state, epoch, run.steps, run.steps, run.config.training.lr)
+    check_weights(state, epoch, job.steps, job.steps, job.config.training.lr)
     if state.replicas.shard.is_main:
-        draw_progress(state, run.config, run.history["losses"], epoch + 1, run.paths, run.steps)
-    run.history["epoch"], run.history["step"] = epoch + 1, 0
-    run.history["train_seconds"] += time.perf_counter() - started
-    write_checkpoint(state, run)
-    if state.replicas.shard.is_main and epoch + 1 in run.snapshot_epochs:
-        keep_snapshot(run.paths, epoch + 1)
+        draw_progress(state, job.config, job.history["losses"], epoch + 1, job.paths, job.steps)
+    job.history["epoch"], job.history["step"] = epoch + 1, 0
+    job.history["train_seconds"] += time.perf_counter() - started
+    write_checkpoint(state, job)
+    if state.replicas.shard.is_main and epoch + 1 in job.snapshot_epochs:
+        keep_snapshot(job.paths, epoch + 1)
 
 
-def write_checkpoint(state: TrainState, run: Run) -> None:
+def write_checkpoint(state: TrainState, job: Job) -> None:
     """The checkpoint of the state after ``history["epoch"]`` epochs and ``history["step"]`` steps (rank 0)."""
     if state.replicas.shard.is_main:
-        save_checkpoint(run.paths["checkpoint"], run.config, model=state.ddpm.eps_model.state_dict(),
-                        ema=state.ema.state_dict(), optimizer=state.optimizer.state_dict(), **run.history)
+        save_checkpoint(job.paths["checkpoint"], job.config, model=state.ddpm.eps_model.state_dict(),
+                        ema=state.ema.state_dict(), optimizer=state.optimizer.state_dict(), **job.history)
 
 
 def asked_to_stop(stop: StopRequests, shard: Shard, device: torch.device) -> bool:
