@@ -48,6 +48,20 @@ def data(tmp_path_factory) -> str:
     return write_fake_mnist(str(tmp_path_factory.mktemp("faults") / "data"), n_train=16 * STEPS)
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_process_left():
+    """Kill what a failed test left running."""
+    yield
+    for proc in STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+    STARTED.clear()
+
+
 class Run:
     """``train.py`` in its own process, its stderr in a file that the test reads while it runs."""
 
@@ -58,6 +72,7 @@ class Run:
             self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *FLAGS, "--data-root",
                                           data, "--out-dir", out, *extra], cwd=os.path.dirname(out),
                                          stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+        STARTED.append(self.proc)
 
     def stderr(self) -> str:
         return read_text(self.err)
@@ -188,6 +203,7 @@ def test_a_signal_inside_an_epoch_saves_it_and_resume_ends_as_the_uninterrupted_
     lines = run.stderr().strip().splitlines()
     stopped = INTERRUPTED.match(lines[-1])
     assert stopped and "Traceback" not in run.stderr(), lines[-3:]
+    assert sum(bool(INTERRUPTED.match(line)) for line in lines) == 1 and "error" not in run.stderr()
     epoch, step, of = map(int, stopped.groups())
     assert epoch == 1 and 3 <= step < of == STEPS
     ckpt = checkpoint.load_checkpoint(run.checkpoint)
@@ -201,15 +217,11 @@ def test_a_signal_inside_an_epoch_saves_it_and_resume_ends_as_the_uninterrupted_
 
 def test_a_second_run_on_the_same_files_is_refused(data, tmp_path, capsys):
     first = Run(data, str(tmp_path / "out"))
-    try:
-        assert first.wait_for("training on")
-        assert train.main(FLAGS + ["--data-root", data, "--out-dir", first.out, "--overwrite"]) == 2
-        err = one_line(capsys)
-        assert f"is being trained by process {first.proc.pid} " in err and "choose another --out-dir" in err
-        assert first.proc.poll() is None  # the first run goes on
-    finally:
-        first.proc.kill()
-        first.wait()
+    assert first.wait_for("training on")
+    assert train.main(FLAGS + ["--data-root", data, "--out-dir", first.out, "--overwrite"]) == 2
+    err = one_line(capsys)
+    assert f"is being trained by process {first.proc.pid} " in err and "choose another --out-dir" in err
+    assert first.proc.poll() is None  # the first run goes on
 
 
 def one_line(capsys) -> str:
