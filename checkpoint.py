@@ -3,13 +3,16 @@
 ``sample.py`` rebuilds the network from the stored ``config`` alone and loads with
 ``torch.load(..., weights_only=True)``, so a checkpoint never runs code when read. The config is
 stored as a plain dict (:meth:`config.Config.to_dict`); version-1 checkpoints, whose config was one
-flat dict, still load.
+flat dict, still load. A checkpoint written when a run was interrupted inside an epoch records how far
+it got: ``epoch`` whole epochs and ``step`` steps of the next.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import pickle
+import re
 from typing import Any
 
 import torch
@@ -20,8 +23,8 @@ from fileio import atomic_write
 from unet import ContextUnet
 
 FORMAT = "conditional-ddpm-mnist"
-VERSION = 2  # 2: the config is nested (model, diffusion, training); 1: one flat dict
-READS = (1, 2)
+VERSION = 3  # 3: may stop inside an epoch (``step``); 2: the config is nested; 1: one flat dict
+READS = (1, 2, 3)
 REQUIRED_V1 = ("in_channels", "n_feat", "n_classes", "T", "beta_start", "beta_end", "p_uncond")
 
 
@@ -46,7 +49,13 @@ def save_checkpoint(path: str, config: Config, **fields: Any) -> None:
     """Write ``{format, version, config, **fields}`` atomically (temp file + rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), **fields}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: _save(payload, tmp))
+
+
+def _save(payload: dict[str, Any], path: str) -> None:
+    # through a Python file, so that a full disk is an OSError naming it, not a RuntimeError from the zip writer
+    with open(path, "wb") as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
@@ -59,8 +68,7 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"cannot read checkpoint {path!r} (corrupt or not a PyTorch file: {first[:200]})") from None
+        raise UsageError(unreadable(path, err)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UsageError(f"{path!r} is not a checkpoint written by train.py")
     if ckpt.get("version") not in READS:
@@ -74,6 +82,22 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     except (TypeError, UsageError) as err:
         raise UsageError(f"{path!r} has no usable config ({err})") from None
     return {**ckpt, "config": config}
+
+
+def unreadable(path: str, err: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in one line.
+
+    A file that pickles Python objects other than tensors and numbers is refused by name: torch's own
+    message advises loading it with ``weights_only=False``, which would run whatever code it carries.
+    """
+    text = str(err).strip()
+    if isinstance(err, pickle.UnpicklingError) and text.startswith("Weights only load failed"):
+        found = re.search(r"GLOBAL (\S+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return (f"{path!r} is not a checkpoint this project wrote: it holds pickled Python objects{what} "
+                "that could run code when loaded, so it was not loaded")
+    first = text.splitlines()[0] if text else type(err).__name__
+    return f"cannot read checkpoint {path!r} (corrupt or not a PyTorch file: {first[:200]})"
 
 
 def load_sampler(path: str, device: torch.device, weights: str = "ema") -> tuple[DDPM, dict[str, Any]]:

@@ -11,6 +11,7 @@ import torch
 from config import RULES, UsageError
 from ddpm import DEFAULT_SAMPLER, SAMPLERS, eta_samplers, fewer_step_samplers, sampler_class
 from generation import Sampling
+from stopping import Interrupted, RunStopped
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -30,12 +31,22 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_cli(prog: str, body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
-    """Run ``body(argv)`` and turn a :class:`UsageError` into ``prog: error: ...`` and exit status 2."""
+    """Run ``body(argv)``; a :class:`UsageError` becomes ``prog: error: ...`` and exit status 2.
+
+    A run that stops early (``stopping``) prints its one line and exits with its own status: 1 for a
+    failure, 130 or 143 for an interrupt that saved its work.
+    """
     try:
         return body(argv)
     except UsageError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(err, file=sys.stderr)
+        return err.status
+    except RunStopped as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return err.status
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -12,8 +12,10 @@ Images are ``(N, H, W)`` for one channel (MNIST's own layout) and ``(N, C, H, W)
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import shutil
+import struct
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -49,6 +51,7 @@ DATASETS = {
 RAW_FILES = (
     "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
 )
+REPLACE = "replace the file with a good copy, or delete it to download it again"
 
 
 def load_dataset(
@@ -58,11 +61,12 @@ def load_dataset(
 
     Nothing is downloaded when the files (or their ``.gz``, which are unpacked in place) are
     already in ``<root>/<folder>/raw``; when they are missing and cannot be downloaded, a
-    :class:`UsageError` says where to put them.
+    :class:`UsageError` says where to put them, and a damaged file is one naming it.
     """
     cls, folder = DATASETS[name].torchvision_class, DATASETS[name].folder
     raw = os.path.join(root, folder, "raw")
     _unpack_local_gz(raw)
+    check_raw_files(raw, train, DATASETS[name])
     missing = (
         f"{folder} files not found in {raw!r}: put {', '.join(RAW_FILES)} (or their .gz) there, "
         f"or point --data-root at a folder that holds {folder}/raw"
@@ -86,8 +90,45 @@ def _unpack_local_gz(raw: str) -> None:
             try:
                 atomic_write(unpacked, lambda tmp: _gunzip(packed, tmp))
             except Exception as err:
-                raise UsageError(f"cannot unpack {packed!r} ({err}); unpack it yourself or make "
-                                 f"{raw!r} writable") from None
+                raise UsageError(f"cannot unpack {packed!r} ({err}); replace it if it is damaged, or unpack it "
+                                 f"yourself if {raw!r} is not writable") from None
+
+
+def check_raw_files(raw: str, train: bool, info: DatasetInfo) -> None:
+    """Refuse a split's damaged IDX files (truncated, misnamed, mislabelled) with one line naming the file.
+
+    Missing files are left to torchvision's own check and the download.
+    """
+    split = "train" if train else "t10k"
+    images_path = os.path.join(raw, f"{split}-images-idx3-ubyte")
+    labels_path = os.path.join(raw, f"{split}-labels-idx1-ubyte")
+    if not (os.path.isfile(images_path) and os.path.isfile(labels_path)):
+        return
+    images, labels = idx_shape(images_path, 3), idx_shape(labels_path, 1)
+    if images[1:] != (info.image_size, info.image_size):
+        raise UsageError(f"{images_path!r} holds {images[1]}x{images[2]} images, {info.folder} has "
+                         f"{info.image_size}x{info.image_size}; {REPLACE}")
+    if images[0] != labels[0]:
+        raise UsageError(f"{labels_path!r} holds {labels[0]} labels for the {images[0]} images of "
+                         f"{images_path!r}; {REPLACE}")
+    with open(labels_path, "rb") as f:
+        top = max(f.read()[4 + 4 * 1:], default=0)  # after the header of a 1-dimensional file
+    if top >= info.n_classes:
+        raise UsageError(f"{labels_path!r} holds label {top}, {info.folder} has {info.n_classes} classes; {REPLACE}")
+
+
+def idx_shape(path: str, ndim: int) -> tuple[int, ...]:
+    """The sizes in the header of an IDX file of unsigned bytes with ``ndim`` dimensions, checked against its length."""
+    with open(path, "rb") as f:
+        head = f.read(4 + 4 * ndim)
+    if len(head) < 4 + 4 * ndim or head[:3] != b"\0\0\x08" or head[3] != ndim:
+        raise UsageError(f"{path!r} is not an IDX file of {ndim}-dimensional bytes (damaged or misnamed); {REPLACE}")
+    dims = struct.unpack(f">{ndim}I", head[4:])
+    promised, size = len(head) + math.prod(dims), os.path.getsize(path)
+    if size != promised:
+        raise UsageError(f"{path!r} is {'truncated' if size < promised else 'too long'}: {size} bytes where its "
+                         f"header promises {promised}; {REPLACE}")
+    return dims
 
 
 def _gunzip(packed: str, target: str) -> None:
@@ -111,15 +152,16 @@ def write_idx(path: str, array: torch.Tensor) -> None:
 
 def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
             on_device: bool = True, device: torch.device | None = None,
-            part: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of ``(uint8 images, int64 labels)`` in a seeded random order.
+            part: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of ``(uint8 images, int64 labels)`` in a seeded random order, from batch ``skip`` on.
 
     ``on_device``: index the tensors where they are; otherwise a ``DataLoader`` collates each batch on the CPU
     and it is copied to ``device``. ``part`` keeps this process's slice of each batch's indices (all of
     them in a single process; see ``distributed.Replicas``).
     """
     order = torch.randperm(len(images), generator=generator)
-    indices = [order[start:start + batch_size] for start in range(0, len(images), batch_size)]
+    indices = [order[start:start + batch_size] for start in range(0, len(images), batch_size)][skip:]
     indices = [part(index) for index in indices] if part else indices
     if on_device:
         for index in indices:

@@ -35,7 +35,7 @@ from metrics import Reference
 from fileio import atomic_write, ensure_writable_dir, write_text
 from generation import Sampling, generate, requested_labels
 from speed import default_speed
-from training import output_paths, prepare_outputs, train
+from training import claim_outputs, output_paths, train
 
 EARLY_EPOCH = 1  # the epoch whose model is checked for blends of similar digits
 
@@ -86,10 +86,10 @@ def train_configuration(args: argparse.Namespace, config: Config, data: tuple[to
     elif ckpt is not None and ckpt["epoch"] >= wanted:
         print(f"T={T} n_feat={n_feat}: already trained ({paths['checkpoint']})", file=sys.stderr)
         return ckpt
-    prepare_outputs(args.out_dir, paths)
     images, labels = data
-    train(config, images.to(device), labels.to(device), paths, default_speed(device),
-          ckpt=ckpt, snapshot_epochs=(EARLY_EPOCH,))
+    with claim_outputs(args.out_dir, paths):
+        train(config, images.to(device), labels.to(device), paths, default_speed(device),
+              ckpt=ckpt, snapshot_epochs=(EARLY_EPOCH,))
     return load_checkpoint(paths["checkpoint"])
 
 

@@ -9,11 +9,15 @@ After every epoch, under --out-dir:
     DDMP_generated_samples_<T>_<n_feat>/samples_epoch<e>_<T>_<n_feat>.png   grid, digits 0..9 in columns
     loss_plot_<T>_<n_feat>.png                                               loss per step and per epoch
     checkpoints/ddpm_<T>_<n_feat>.pt                                         written atomically
+
+Ctrl-C or SIGTERM saves a checkpoint after the current step (exit 130 / 143); --resume continues from
+that step. A NaN loss or a failed write stops the run (exit 1), keeping the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from dataclasses import replace
@@ -28,7 +32,7 @@ from config import PRESETS, Config, UsageError, flag_name, settings
 from data import DATASETS, load_dataset
 from distributed import Shard
 from speed import PLAIN, Speed, default_speed, with_switches_off
-from training import output_paths, prepare_outputs, train
+from training import claim_outputs, output_paths, train
 
 EXAMPLES = (
     "python train.py --preset cpu --data-root DATA      # the small model, minutes on a laptop CPU",
@@ -140,10 +144,9 @@ def _main(argv: Sequence[str] | None) -> int:
         if device.type == "cpu" and config.model.n_feat >= 128 and shard.is_main:
             print("note: this configuration takes hours on a CPU; '--preset cpu' is sized for one", file=sys.stderr)
         images, labels = load_training_data(args, config.dataset, shard)
-        if shard.is_main:
-            prepare_outputs(args.out_dir, paths)
-        train(config, images.to(device), labels.to(device), paths, speed_from_args(args, device), shard, ckpt,
-              args.snapshot_epochs)
+        with claim_outputs(args.out_dir, paths) if shard.is_main else contextlib.nullcontext():
+            train(config, images.to(device), labels.to(device), paths, speed_from_args(args, device), shard, ckpt,
+                  args.snapshot_epochs)
         finished = True
     finally:
         distributed.stop(wait=finished)

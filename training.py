@@ -3,18 +3,27 @@
 :func:`train` runs (or continues) a run described by a :class:`config.Config` on images already in
 memory and writes, after every epoch, a grid of samples, the loss plot and the checkpoint.
 ``train.py`` is its command line; ``experiments.py`` calls it directly.
+
+A run ends early in three ways (``stopping``): SIGINT or SIGTERM finish the current step, save a
+checkpoint that records the step reached inside the epoch, and raise :class:`stopping.Interrupted`; a
+NaN or infinite loss or weight raises :class:`stopping.RunFailed` before anything of it is saved; so
+does a write that fails. Each epoch's order and noise come from generators seeded by the epoch, so a
+resumed run replays them from the step it stopped at and ends, on a CPU, with the same weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import matplotlib
 
@@ -29,9 +38,10 @@ from config import Config  # noqa: E402
 from data import DATASETS, batches, save_grid, to_model_range  # noqa: E402
 from ddpm import DDPM, DEFAULT_SAMPLER  # noqa: E402
 from distributed import SINGLE, Replicas, Shard, sum_over_ranks  # noqa: E402
-from fileio import atomic_write, ensure_writable_dir  # noqa: E402
+from fileio import atomic_write, ensure_writable_dir, exclusive, remove_stale_temps  # noqa: E402
 from generation import Sampling, generate  # noqa: E402
 from speed import PLAIN, Speed, autocast, prepare_model  # noqa: E402
+from stopping import Interrupted, RunFailed, StopRequests  # noqa: E402
 
 
 @dataclass
@@ -55,6 +65,7 @@ def output_paths(out_dir: str, config: Config) -> dict[str, str]:
         "loss_plot": os.path.join(out_dir, f"loss_plot_{tag}.png"),
         "checkpoint": checkpoint_path(out_dir, T, n_feat, config.dataset),
         "snapshot": os.path.join(out_dir, "checkpoints", "snapshots", f"ddpm_{tag}_epoch{{epoch}}.pt"),
+        "lock": os.path.join(out_dir, "checkpoints", f"ddpm_{tag}.lock"),
     }
 
 
@@ -62,6 +73,22 @@ def prepare_outputs(out_dir: str, paths: dict[str, str]) -> None:
     """Create the output folders and prove they can be written, before any training."""
     for folder in (out_dir, paths["grids"], os.path.dirname(paths["checkpoint"])):
         ensure_writable_dir(folder, "output folder")
+
+
+@contextlib.contextmanager
+def claim_outputs(out_dir: str, paths: dict[str, str]) -> Iterator[None]:
+    """Prepare the output folders and hold the run's lock for the block; first remove what a killed run left.
+
+    A second run of the same configuration in the same folder is a one-line :class:`UsageError`.
+    """
+    prepare_outputs(out_dir, paths)
+    with exclusive(paths["lock"], repr(paths["checkpoint"])):
+        stale = remove_stale_temps([paths["checkpoint"], paths["loss_plot"], paths["grid"].format(epoch="*"),
+                                    paths["snapshot"].format(epoch="*")])
+        if stale:
+            print(f"note: removed {len(stale)} temporary file(s) that a killed run left, e.g. {stale[0]!r}",
+                  file=sys.stderr)
+        yield
 
 
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
@@ -101,34 +128,87 @@ def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor,
 
 
 def train_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tensor, config: Config, epoch: int,
-                step: int) -> list[float]:
-    """One pass over ``images (N, H, W) uint8`` in a seeded random order; returns the per-step losses.
+                step: int, stop: StopRequests, first: int = 0) -> list[float]:
+    """One pass over ``images (N, H, W) uint8`` in a seeded random order, from batch ``first`` on; the per-step losses.
 
     Every rank walks the same order and draws the same noise for the whole batch, keeping its slice.
+    ``step`` is the global step of the epoch's batch 0 (the EMA warms up over global steps). When ``stop``
+    is asked to, the pass ends early, with fewer losses: after the current step in one process, at the
+    next read-back of the losses with several (all ranks must stop after the same step).
     """
     run, device, shard = config.training, images.device, state.replicas.shard
-    order_gen = torch.Generator().manual_seed(run.seed * 7919 + epoch)
-    noise_gen = torch.Generator(device=device).manual_seed(run.seed * 7919 + epoch + 1)
+    n = steps_per_epoch(len(images), run.batch_size)
+    order_gen, noise_gen = epoch_generators(state.ddpm, config, epoch, device, first)
     for group in state.optimizer.param_groups:
         group["lr"] = run.lr * (1 - epoch / run.epochs)
     losses: list[float] = []
     pending: list[torch.Tensor] = []  # losses not yet read back: reading one waits for the device
-    bar = tqdm(total=-(-len(images) // run.batch_size), desc=f"epoch {epoch + 1}/{run.epochs}",
-               dynamic_ncols=True, file=sys.stderr, disable=not shard.is_main)
-    state.ddpm.train()
-    for i, (x, y) in enumerate(batches(images, labels, run.batch_size, order_gen, state.speed.on_device_data,
-                                       device, state.replicas.part)):
-        batch = min(run.batch_size, len(images) - i * run.batch_size)
-        draws = state.ddpm.draw_training_noise(batch, state.ddpm.image_shape, device, noise_gen)
-        draws = tuple(state.replicas.part(d) for d in draws)
-        pending.append(train_step(state, x, y, draws, ema_decay_at(step + i, run.ema_decay), batch))
-        if len(pending) == state.speed.log_every or i == bar.total - 1:
-            losses += sum_over_ranks(torch.stack(pending).float(), shard).tolist()
-            bar.update(len(pending))
-            pending.clear()
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-    bar.close()
+    with tqdm(total=n, initial=first, desc=f"epoch {epoch + 1}/{run.epochs}", dynamic_ncols=True,
+              file=sys.stderr, disable=not shard.is_main) as bar:  # closed before an error is printed
+        state.ddpm.train()
+        for i, (x, y) in enumerate(batches(images, labels, run.batch_size, order_gen, state.speed.on_device_data,
+                                           device, state.replicas.part, skip=first), start=first):
+            batch = min(run.batch_size, len(images) - i * run.batch_size)
+            draws = state.ddpm.draw_training_noise(batch, state.ddpm.image_shape, device, noise_gen)
+            draws = tuple(state.replicas.part(d) for d in draws)
+            pending.append(train_step(state, x, y, draws, ema_decay_at(step + i, run.ema_decay), batch))
+            if len(pending) == state.speed.log_every or i == n - 1 or (stop.signum and shard.world == 1):
+                values, stopping = read_back(pending, stop, shard)
+                check_losses(values, epoch, i + 1 - len(values), n, run.lr)
+                losses += values
+                bar.update(len(pending))
+                pending.clear()
+                bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+                if stopping:
+                    break
     return losses
+
+
+def epoch_generators(ddpm: DDPM, config: Config, epoch: int, device: torch.device,
+                     first: int = 0) -> tuple[torch.Generator, torch.Generator]:
+    """The epoch's data order and noise generators, seeded by the epoch, the noise of batches ``< first`` drawn.
+
+    Drawing that noise again (and dropping it) puts a run resumed at batch ``first`` where an uninterrupted
+    run would be, on any device.
+    """
+    run = config.training
+    order_gen = torch.Generator().manual_seed(run.seed * 7919 + epoch)
+    noise_gen = torch.Generator(device=device).manual_seed(run.seed * 7919 + epoch + 1)
+    for _ in range(first):  # every batch before the last is full
+        ddpm.draw_training_noise(run.batch_size, ddpm.image_shape, device, noise_gen)
+    return order_gen, noise_gen
+
+
+def steps_per_epoch(n_images: int, batch_size: int) -> int:
+    return -(-n_images // batch_size)
+
+
+def read_back(pending: list[torch.Tensor], stop: StopRequests, shard: Shard) -> tuple[list[float], bool]:
+    """The pending losses as floats (summed over ranks), and whether any rank was asked to stop."""
+    asked = torch.tensor([float(stop.signum is not None)], device=pending[0].device)
+    values = sum_over_ranks(torch.cat([torch.stack(pending).float(), asked]), shard).tolist()
+    return values[:-1], values[-1] > 0
+
+
+def check_losses(values: list[float], epoch: int, done: int, n: int, lr: float) -> None:
+    """A NaN or infinite loss among the losses of steps ``done + 1, ...`` ends the run before it is saved."""
+    for k, value in enumerate(values):
+        if not math.isfinite(value):
+            raise RunFailed(diverged(f"loss {value}", epoch, done + k + 1, n, lr))
+
+
+def check_weights(state: TrainState, epoch: int, step: int, n: int, lr: float) -> None:
+    """Weights (or optimizer moments) that hold a NaN or an infinity end the run before they are saved."""
+    moments = [t for s in state.optimizer.state.values() for t in s.values()
+               if torch.is_tensor(t) and t.is_floating_point()]
+    tensors = [*state.ddpm.eps_model.parameters(), *state.ema.parameters(), *moments]
+    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        raise RunFailed(diverged("NaN or infinite weights", epoch, step, n, lr))
+
+
+def diverged(what: str, epoch: int, step: int, n: int, lr: float) -> str:
+    return (f"training diverged: {what} at epoch {epoch + 1}, step {step} of {n}; nothing of it was saved "
+            f"(the last checkpoint stays); start over (--overwrite) with a lower --lr than {lr:g}")
 
 
 def grid_sampling(config: Config) -> Sampling:
@@ -188,19 +268,34 @@ def keep_snapshot(paths: dict[str, str], epoch: int) -> None:
 
 def build_state(config: Config, device: torch.device, speed: Speed, shard: Shard,
                 ckpt: dict[str, Any] | None) -> tuple[TrainState, dict[str, Any]]:
-    """A fresh (seeded) or resumed training state, and the history so far (losses, epoch, seconds)."""
+    """A fresh (seeded) or resumed training state, and the history so far.
+
+    The history: ``losses`` (every step), ``epoch`` (whole epochs done), ``step`` (steps done of the
+    next epoch, when a run was interrupted inside it), ``train_seconds``.
+    """
     torch.manual_seed(config.training.seed)
     ddpm = build_ddpm(config).to(device)
     ema = copy.deepcopy(ddpm.eps_model).requires_grad_(False)
     prepare_model(ddpm.eps_model, speed)
     optimizer = make_optimizer(ddpm.eps_model, config.training.lr, speed)
-    history: dict[str, Any] = {"losses": [], "epoch": 0, "train_seconds": 0.0}
+    history: dict[str, Any] = {"losses": [], "epoch": 0, "step": 0, "train_seconds": 0.0}
     if ckpt is not None:
         ddpm.eps_model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        history = {key: ckpt[key] for key in history}
+        history = {key: ckpt.get(key, default) for key, default in history.items()}
     return TrainState(ddpm, ema, optimizer, Replicas(ddpm, shard, device), speed), history
+
+
+@dataclass
+class Job:
+    """What :func:`train` keeps beside the :class:`TrainState`: the settings, the files, the progress so far."""
+
+    config: Config
+    paths: dict[str, str]
+    history: dict[str, Any]
+    steps: int  # per epoch
+    snapshot_epochs: Sequence[int] = ()
 
 
 def train(config: Config, images: torch.Tensor, labels: torch.Tensor, paths: dict[str, str],
@@ -208,35 +303,68 @@ def train(config: Config, images: torch.Tensor, labels: torch.Tensor, paths: dic
           snapshot_epochs: Sequence[int] = ()) -> dict[str, Any]:
     """Run (or, from ``ckpt``, continue) training to ``config.training.epochs`` on ``images`` where they lie.
 
-    Rank 0 writes every per-epoch file. Returns the history: ``losses`` (every step), ``epoch``, ``train_seconds``.
+    Rank 0 writes every per-epoch file. Returns the history (:func:`build_state`). SIGINT or SIGTERM end
+    it after the current step with a checkpoint and :class:`stopping.Interrupted`.
     """
-    device = images.device
-    state, history = build_state(config, device, speed, shard, ckpt)
-    steps_per_epoch = -(-len(images) // config.training.batch_size)
+    state, history = build_state(config, images.device, speed, shard, ckpt)
+    job = Job(config, paths, history, steps_per_epoch(len(images), config.training.batch_size), snapshot_epochs)
     log = functools.partial(print, file=sys.stderr) if shard.is_main else lambda *a, **k: None
-    log(describe_run(config, len(images), device, speed, shard, history["epoch"]))
-    for epoch in range(history["epoch"], config.training.epochs):
-        started = time.perf_counter()
-        history["losses"] += train_epoch(state, images, labels, config, epoch, len(history["losses"]))
-        if shard.is_main:
-            draw_progress(state, config, history["losses"], epoch + 1, paths, steps_per_epoch)
-        history["epoch"] = epoch + 1
-        history["train_seconds"] += time.perf_counter() - started
-        if shard.is_main:
-            save_checkpoint(paths["checkpoint"], config, model=state.ddpm.eps_model.state_dict(),
-                            ema=state.ema.state_dict(), optimizer=state.optimizer.state_dict(), **history)
-            if epoch + 1 in snapshot_epochs:
-                keep_snapshot(paths, epoch + 1)
-        mean = sum(history["losses"][-steps_per_epoch:]) / steps_per_epoch
-        log(f"epoch {epoch + 1}/{config.training.epochs}: loss {mean:.4f}, "
-            f"{time.perf_counter() - started:.1f}s, total {history['train_seconds']:.1f}s")
+    log(describe_run(config, len(images), images.device, speed, shard, history, job.steps))
+    with StopRequests() as stop:
+        for epoch in range(history["epoch"], config.training.epochs):
+            started, first = time.perf_counter(), history["step"]
+            done = train_epoch(state, images, labels, config, epoch, len(history["losses"]) - first, stop, first)
+            history["losses"] += done
+            history["step"] = first + len(done)
+            if history["step"] < job.steps:  # asked to stop inside the epoch: keep what it did
+                history["train_seconds"] += time.perf_counter() - started
+                check_weights(state, epoch, history["step"], job.steps, config.training.lr)
+                write_checkpoint(state, job)
+                raise Interrupted(interrupted(epoch, history["step"], job.steps), stop.signum or signal.SIGTERM)
+            end_epoch(state, job, epoch, started)
+            mean = sum(history["losses"][-job.steps:]) / job.steps
+            log(f"epoch {epoch + 1}/{config.training.epochs}: loss {mean:.4f}, "
+                f"{time.perf_counter() - started:.1f}s, total {history['train_seconds']:.1f}s")
+            if epoch + 1 < config.training.epochs and asked_to_stop(stop, shard, images.device):
+                raise Interrupted(interrupted(epoch, job.steps, job.steps), stop.signum or signal.SIGTERM)
     log(f"done: {paths['checkpoint']}")
     return history
 
 
+def end_epoch(state: TrainState, job: Job, epoch: int, started: float) -> None:
+    """After epoch ``epoch`` (from 0): check the weights, draw the grid and the loss plot, save the checkpoint."""
+    check_weights(state, epoch, job.steps, job.steps, job.config.training.lr)
+    if state.replicas.shard.is_main:
+        draw_progress(state, job.config, job.history["losses"], epoch + 1, job.paths, job.steps)
+    job.history["epoch"], job.history["step"] = epoch + 1, 0
+    job.history["train_seconds"] += time.perf_counter() - started
+    write_checkpoint(state, job)
+    if state.replicas.shard.is_main and epoch + 1 in job.snapshot_epochs:
+        keep_snapshot(job.paths, epoch + 1)
+
+
+def write_checkpoint(state: TrainState, job: Job) -> None:
+    """The checkpoint of the state after ``history["epoch"]`` epochs and ``history["step"]`` steps (rank 0)."""
+    if state.replicas.shard.is_main:
+        save_checkpoint(job.paths["checkpoint"], job.config, model=state.ddpm.eps_model.state_dict(),
+                        ema=state.ema.state_dict(), optimizer=state.optimizer.state_dict(), **job.history)
+
+
+def asked_to_stop(stop: StopRequests, shard: Shard, device: torch.device) -> bool:
+    """Whether any rank was asked to stop (ranks must agree, or the others would wait for it forever)."""
+    asked = torch.tensor([float(stop.signum is not None)], device=device)
+    return bool(sum_over_ranks(asked, shard).item() > 0)
+
+
+def interrupted(epoch: int, step: int, n: int) -> str:
+    return f"interrupted at epoch {epoch + 1}, step {step} of {n}; checkpoint saved; continue with --resume"
+
+
 def describe_run(config: Config, n_images: int, device: torch.device, speed: Speed, shard: Shard,
-                 done: int) -> str:
+                 history: dict[str, Any], steps: int) -> str:
     run = config.training
     per_rank = f" = {shard.world} processes x ~{run.batch_size // shard.world}" if shard.world > 1 else ""
+    first = history["epoch"] + 1
+    within = f" (epoch {first} from step {history['step'] + 1} of {steps})" if history["step"] else ""
     return (f"training on {n_images} images, {device}, T={config.diffusion.T} n_feat={config.model.n_feat} "
-            f"batch {run.batch_size}{per_rank}, epochs {done + 1}..{run.epochs}; {speed}")
+            f"batch {run.batch_size}{per_rank}, epochs {first}..{run.epochs}{within}; {speed}")

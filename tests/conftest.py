@@ -12,7 +12,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: the models are tiny, and on a busy 2-core machine two OpenMP threads wait on each other
+# (tests/test_speed.py and tests/test_config.py: 57 s with two threads, 7 s with one, under load)
+torch.set_num_threads(1)
 
 # train.py flags that make a run take seconds on a CPU
 TINY_TRAIN = ["--T", "8", "--n-feat", "8", "--epochs", "2", "--batch-size", "16", "--grid-rows", "1",
