@@ -1,6 +1,6 @@
 """Make a data root whose MNIST training split is a smaller one repeated, for timing full-size epochs.
 
-    python benchmarks/tile_data.py --data-root ../shared/data --size 60000 --out /tmp/mnist60k
+    python benchmarks/tile_data.py --data-root DATA --size 60000 --out /tmp/mnist60k
     python train.py --data-root /tmp/mnist60k --no-download      # 60,000-image epochs, 10,000 distinct digits
 
 Where MNIST cannot be downloaded, this times the ancestor's 60,000-image epochs honestly (the work per epoch
