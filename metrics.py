@@ -120,13 +120,18 @@ class Reference:
                  test: tuple[torch.Tensor, torch.Tensor], seed: int = 0, name: str = "real training digits") -> None:
         self.space, self.seed, self.name = FeatureSpace(model, test[0]), seed, name
         self.train, self.test_labels = train, test[1]
+        self._draws: dict[tuple, dict[str, torch.Tensor]] = {}  # real draws by class counts: embedded once
         self.test = self.space.embed(test[0])
         self.stats = gaussian_stats(self.test["features"])
         self.stats_high = gaussian_stats(self.test["high"])
 
     def _real_draw(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        index = class_matched(labels, self.train[1], self.seed)
-        return {**self.space.embed(self.train[0][index]), "labels": self.train[1][index]}
+        """The class-matched draw of real training digits, embedded (every row of a table shares it)."""
+        key = tuple(map(tuple, torch.stack(labels.unique(return_counts=True)).tolist()))
+        if key not in self._draws:
+            index = class_matched(labels, self.train[1], self.seed)
+            self._draws[key] = {**self.space.embed(self.train[0][index]), "labels": self.train[1][index]}
+        return self._draws[key]
 
     def score(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
         """Every metric of labelled ``images``: accuracy (and per class), FID, FID of the penultimate features
