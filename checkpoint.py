@@ -38,11 +38,14 @@ def checkpoint_path(out_dir: str, T: int, n_feat: int, dataset: str = "mnist") -
     return os.path.join(out_dir, "checkpoints", f"ddpm_{run_tag(T, n_feat, dataset)}.pt")
 
 
-def build_ddpm(config: Config) -> DDPM:
-    """A fresh (untrained) DDPM with the network and schedule described by ``config``."""
-    m, d = config.model, config.diffusion
-    model = ContextUnet(m.in_channels, m.n_feat, m.n_classes, m.image_size)
-    return DDPM(model, d.T, d.beta_start, d.beta_end, config.training.p_uncond)
+def build_ddpm(config: Config, network: torch.nn.Module | None = None) -> DDPM:
+    """A DDPM with the schedule and objective of ``config`` around ``network`` (default: a fresh, untrained
+    network as ``config`` describes)."""
+    m, d, t = config.model, config.diffusion, config.training
+    if network is None:
+        network = ContextUnet(m.in_channels, m.n_feat, m.n_classes, m.image_size, bool(m.cond_encoder))
+    return DDPM(network, d.T, d.beta_start, d.beta_end, t.p_uncond, d.schedule, d.prediction, t.loss_weight,
+                t.snr_gamma)
 
 
 def save_checkpoint(path: str, config: Config, **fields: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any, Callable, Sequence
 
@@ -10,7 +11,7 @@ import torch
 
 from config import RULES, UsageError
 from ddpm import DEFAULT_SAMPLER, SAMPLERS, eta_samplers, fewer_step_samplers, sampler_class
-from generation import Sampling
+from generation import DEFAULT_GUIDANCE_INTERVAL, Sampling, describe_interval
 from stopping import Interrupted, RunStopped
 
 
@@ -111,9 +112,14 @@ def add_sampling_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("--steps", type=positive_int, nargs=nargs,
                    help=f"steps of {' or '.join(fewer_step_samplers())} (default: the sampler's own)")
     p.add_argument("--eta", type=non_negative_float,
-                   help=f"noise of {' and '.join(eta_samplers())}: 0 deterministic, 1 ancestral-like (default 1)")
+                   help=f"noise of {' and '.join(eta_samplers())}: 0 deterministic, 1 the posterior's (default: "
+                        + ", ".join(f"{n} {SAMPLERS[n].default_eta:g}" for n in eta_samplers()) + ")")
     p.add_argument("--guidance", type=non_negative_float, nargs=nargs, default=[2.0] if many else 2.0,
                    help="classifier-free guidance scale s: 0 unconditional, 1 conditional (default 2)")
+    p.add_argument("--guidance-interval", type=sigma_bound, nargs=2, metavar=("LO", "HI"),
+                   help="apply the guidance only at noise levels LO < sigma <= HI, plain conditional elsewhere "
+                        "(sigma = sqrt((1 - a_bar) / a_bar); 0 inf: at every step; default: "
+                        f"{describe_interval(DEFAULT_GUIDANCE_INTERVAL)})")
     p.add_argument("--amp", action="store_true", help="bf16 autocast: faster on GPUs and CPUs with bf16 units")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
@@ -125,4 +131,26 @@ def sampling_from_args(args: argparse.Namespace, T: int) -> Sampling:
 
     ``--steps`` alone keeps the default sampler.
     """
-    return Sampling(args.sampler or DEFAULT_SAMPLER, args.steps, args.eta, args.guidance, args.amp).resolve(T)
+    return Sampling(args.sampler or DEFAULT_SAMPLER, args.steps, args.eta, args.guidance, args.amp,
+                    interval_from_args(args)).resolve(T)
+
+
+def sigma_bound(text: str) -> float:
+    """An argparse type: a noise level ``sigma >= 0`` (``inf`` allowed)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a noise level >= 0 (or inf), got {text!r}")
+    return value
+
+
+def interval_from_args(args: argparse.Namespace) -> tuple[float, float] | None:
+    """``--guidance-interval`` as a ``(lo, hi)`` pair, ``None`` for every step, the default when not given."""
+    if args.guidance_interval is None:
+        return DEFAULT_GUIDANCE_INTERVAL
+    lo, hi = args.guidance_interval
+    if lo >= hi:
+        raise UsageError(f"--guidance-interval needs LO < HI, got {lo:g} {hi:g}")
+    return None if lo == 0 and hi == math.inf else (lo, hi)

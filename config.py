@@ -28,6 +28,11 @@ RULES: dict[str, tuple[Callable[[str], Any], Callable[[Any], bool], str]] = {
     "positive_float": (float, lambda v: 0 < v < math.inf, "a positive number"),
     "non_negative_float": (float, lambda v: 0 <= v < math.inf, "a number >= 0"),
     "int": (int, lambda v: True, "an integer"),
+    "switch": (int, lambda v: v in (0, 1), "0 or 1"),
+    "prediction": (str, lambda v: v in ("eps", "v", "x0"), "one of eps, v, x0"),
+    "schedule": (str, lambda v: v in ("linear", "cosine"), "one of linear, cosine"),
+    "loss_weight": (str, lambda v: v in ("uniform", "min-snr"), "one of uniform, min-snr"),
+    "lr_schedule": (str, lambda v: v in ("epoch-linear", "cosine"), "one of epoch-linear, cosine"),
 }
 
 
@@ -51,15 +56,21 @@ class ModelConfig:
     image_size: int = setting(28, "positive_int", "image height and width (from the data set)", flag=False)
     in_channels: int = setting(1, "positive_int", "image channels (from the data set)", flag=False)
     n_classes: int = setting(10, "positive_int", "number of classes (from the data set)", flag=False)
+    cond_encoder: int = setting(0, "switch", "1: time and label also modulate the encoder blocks, not only the "
+                                "decoder (unet.ContextUnet)")
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """The forward process: ``T`` steps of a linear beta schedule (``ddpm.DDPM``)."""
+    """The forward process (``T`` steps of a beta schedule) and what the network predicts (``ddpm.DDPM``)."""
 
     T: int = setting(500, "positive_int", "diffusion steps")
     beta_start: float = setting(1e-4, "positive_float", "first beta of the linear schedule")
     beta_end: float = setting(0.02, "positive_float", "last beta of the linear schedule")
+    schedule: str = setting("linear", "schedule", "beta schedule: linear (Ho et al.) or cosine (Nichol & "
+                            "Dhariwal; ignores the betas above)")
+    prediction: str = setting("eps", "prediction", "what the network predicts: eps (the noise), v "
+                              "(Salimans & Ho) or x0 (the clean image)")
 
 
 @dataclass(frozen=True)
@@ -68,7 +79,13 @@ class TrainConfig:
 
     epochs: int = setting(20, "positive_int", "epochs")
     batch_size: int = setting(256, "positive_int", "batch size")
-    lr: float = setting(1e-4, "positive_float", "Adam learning rate, decayed linearly per epoch")
+    lr: float = setting(1e-4, "positive_float", "peak Adam learning rate")
+    lr_schedule: str = setting("epoch-linear", "lr_schedule", "epoch-linear: lr * (1 - epoch / epochs) per epoch; "
+                               "cosine: linear warm-up over --warmup steps, then cosine to 0, per step")
+    warmup: int = setting(0, "non_negative_int", "warm-up steps of the cosine learning-rate schedule")
+    loss_weight: str = setting("uniform", "loss_weight", "uniform (Ho et al.) or min-snr: each timestep's loss "
+                               "weighted as Min-SNR-gamma (Hang et al. 2023)")
+    snr_gamma: float = setting(5.0, "positive_float", "gamma of --loss-weight min-snr")
     p_uncond: float = setting(0.1, "non_negative_float", "probability of dropping a label (classifier-free guidance)")
     ema_decay: float = setting(0.995, "non_negative_float", "EMA decay of the sampling weights")
     seed: int = setting(0, "int", "random seed (weights, data order, noise)")
@@ -116,7 +133,8 @@ class Config:
         known = settings()
         for name, value in self.flat().items():
             _, ok, wanted = RULES[known[name][1].metadata["rule"]]
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):
+            kind = str if RULES[known[name][1].metadata["rule"]][0] is str else (int, float)
+            if not isinstance(value, kind) or isinstance(value, bool) or not ok(value):
                 raise UsageError(f"{flag_name(name)} must be {wanted}, got {value!r}")
         m, d, t = self.model, self.diffusion, self.training
         checks = [

@@ -29,6 +29,7 @@ The paper's form ``(1 + w) * eps_cond - w * eps_uncond`` is the same with ``s = 
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 import torch
@@ -42,6 +43,25 @@ DEFAULT_SAMPLER = "dpm++"
 def linear_beta_schedule(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """``beta_t`` rising linearly from ``beta_start`` to ``beta_end`` (Ho et al. 2020, Sec. 4): ``(T,)`` float64."""
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def cosine_beta_schedule(T: int, s: float = 0.008) -> torch.Tensor:
+    """Nichol & Dhariwal 2021, eq. 17: ``alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2)`` normalised to 1 at
+    ``t = 0``; betas clipped at 0.999 so the last step stays finite. ``(T,)`` float64."""
+    steps = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    alphas_cumprod = f / f[0]
+    return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=0.999)
+
+
+BETA_SCHEDULES = ("linear", "cosine")
+PREDICTIONS = ("eps", "v", "x0")
+LOSS_WEIGHTS = ("uniform", "min-snr")
+
+
+def beta_schedule(kind: str, T: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """The betas ``(T,)`` float64 of schedule ``kind`` (:data:`BETA_SCHEDULES`)."""
+    return linear_beta_schedule(T, beta_start, beta_end) if kind == "linear" else cosine_beta_schedule(T)
 
 
 def extract(coefficients: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -60,14 +80,19 @@ def _randn(shape: tuple[int, ...], device: torch.device, generator: torch.Genera
 
 
 class DDPM(nn.Module):
-    """Wraps a noise-prediction network ``eps_model(x_t, t, labels)`` with the DDPM process.
+    """Wraps a network ``eps_model(x_t, t, labels)`` with the DDPM process.
 
     Args:
         eps_model: network as in ``unet.ContextUnet`` (must expose ``null_label``, ``in_channels`` and
-            ``image_size``).
+            ``image_size``). It predicts what ``prediction`` names; the samplers always receive noise
+            estimates (:meth:`network_eps` converts).
         T: number of diffusion steps.
         beta_start, beta_end: ends of the linear beta schedule.
         p_uncond: probability of dropping a label during training.
+        schedule: ``"linear"`` (Ho et al.) or ``"cosine"`` (Nichol & Dhariwal 2021; ignores the betas).
+        prediction: ``"eps"`` (the noise, Ho et al.), ``"v"`` (Salimans & Ho 2022) or ``"x0"``.
+        loss_weight: ``"uniform"`` (plain MSE on the target) or ``"min-snr"`` (Hang et al. 2023, with
+            ``snr_gamma``).
     """
 
     def __init__(
@@ -77,21 +102,29 @@ class DDPM(nn.Module):
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         p_uncond: float = 0.1,
+        schedule: str = "linear",
+        prediction: str = "eps",
+        loss_weight: str = "uniform",
+        snr_gamma: float = 5.0,
     ) -> None:
         super().__init__()
         if T < 1:
             raise ValueError(f"T must be at least 1, got {T}")
         if not 0 < beta_start <= beta_end < 1:
             raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+        for name, value, known in (("schedule", schedule, BETA_SCHEDULES), ("prediction", prediction, PREDICTIONS),
+                                   ("loss_weight", loss_weight, LOSS_WEIGHTS)):
+            if value not in known:
+                raise ValueError(f"{name} must be one of {', '.join(known)}, got {value!r}")
         self.eps_model, self.T, self.p_uncond = eps_model, T, p_uncond
+        self.prediction, self.loss_weight, self.snr_gamma = prediction, loss_weight, snr_gamma
         self.image_shape = (eps_model.in_channels, eps_model.image_size, eps_model.image_size)
-        for name, value in self.schedule(T, beta_start, beta_end).items():
+        for name, value in self.schedule(beta_schedule(schedule, T, beta_start, beta_end)).items():
             self.register_buffer(name, value.float(), persistent=False)
 
     @staticmethod
-    def schedule(T: int, beta_start: float, beta_end: float) -> dict[str, torch.Tensor]:
-        """Every per-step coefficient, computed once in float64. Each value has shape ``(T,)``."""
-        betas = linear_beta_schedule(T, beta_start, beta_end)
+    def schedule(betas: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every per-step coefficient of float64 ``betas (T,)``, computed once in float64; each ``(T,)``."""
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, dim=0)
         alphas_cumprod_prev = torch.cat((torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]))
@@ -107,6 +140,8 @@ class DDPM(nn.Module):
             "posterior_variance": betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
             # lambda_t = log(sqrt(alpha_bar_t) / sqrt(1 - alpha_bar_t)), the time variable of DPM-Solver
             "half_log_snr": 0.5 * (alphas_cumprod.log() - (1.0 - alphas_cumprod).log()),
+            # signal-to-noise ratio alpha_bar / (1 - alpha_bar), for Min-SNR loss weights
+            "snr": alphas_cumprod / (1.0 - alphas_cumprod),
         }
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -139,14 +174,53 @@ class DDPM(nn.Module):
     ) -> torch.Tensor:
         """Simplified training objective (Algorithm 1, eq. 14) with label dropout.
 
-        ``x0 (B, C, H, W)`` in ``[-1, 1]``, ``labels (B,)`` -> scalar MSE between true and predicted noise.
+        ``x0 (B, C, H, W)`` in ``[-1, 1]``, ``labels (B,)`` -> scalar MSE between the network's output and its
+        :meth:`target` (the noise, as in the paper, unless ``prediction`` says otherwise), per timestep
+        weighted by :meth:`loss_weights` under ``loss_weight="min-snr"``.
         ``draws`` (from :meth:`draw_training_noise`) are drawn here from ``generator`` when not given.
         """
         if draws is None:
             draws = self.draw_training_noise(x0.shape[0], tuple(x0.shape[1:]), x0.device, generator)
         t, noise, drop = draws
         labels = torch.where(drop, torch.full_like(labels, self.eps_model.null_label), labels)
-        return F.mse_loss(self.eps_model(self.q_sample(x0, t, noise), t, labels), noise)
+        out = self.eps_model(self.q_sample(x0, t, noise), t, labels)
+        target = self.target(x0, t, noise)
+        if self.loss_weight == "uniform":
+            return F.mse_loss(out, target)
+        per_image = (out.float() - target).pow(2).mean(dim=tuple(range(1, x0.ndim)))
+        return (self.loss_weights(t) * per_image).mean()
+
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network learns to output at ``x_t``: the noise, ``x0``, or
+        ``v = sqrt(a_bar) eps - sqrt(1 - a_bar) x0`` (Salimans & Ho 2022, Sec. 4)."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        return (extract(self.sqrt_alphas_cumprod, t, x0.ndim) * noise
+                - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma (Hang et al. 2023): ``min(SNR, gamma)`` in units of the x0 loss, i.e. divided by
+        ``SNR`` for an eps target and by ``SNR + 1`` for a v target. ``(B,)``."""
+        snr = self.snr[t]
+        clipped = snr.clamp(max=self.snr_gamma)
+        return {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[self.prediction]
+
+    def network_eps(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The network's output at ``x_t (B, C, H, W)`` as a noise estimate, whatever it predicts.
+
+        From ``x_t = sqrt(a) x0 + sqrt(1 - a) eps``: ``eps = (x_t - sqrt(a) x0) / sqrt(1 - a)`` and
+        ``eps = sqrt(a) v + sqrt(1 - a) x_t``.
+        """
+        out = self.eps_model(x, t, labels)
+        if self.prediction == "eps":
+            return out
+        sqrt_a = extract(self.sqrt_alphas_cumprod, t, x.ndim)
+        sqrt_1ma = extract(self.sqrt_one_minus_alphas_cumprod, t, x.ndim)
+        if self.prediction == "v":
+            return sqrt_a * out + sqrt_1ma * x
+        return (x - sqrt_a * out) / sqrt_1ma
 
     def forward(self, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None,
                 draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -168,11 +242,11 @@ class DDPM(nn.Module):
         ``s = 1`` and ``s = 0`` need only one of them and skip the other.
         """
         if guidance == 1.0:
-            return self.eps_model(x, t, labels)
+            return self.network_eps(x, t, labels)
         null = self.null_labels_like(labels)
         if guidance == 0.0:
-            return self.eps_model(x, t, null)
-        eps = self.eps_model(torch.cat((x, x)), torch.cat((t, t)), torch.cat((labels, null)))
+            return self.network_eps(x, t, null)
+        eps = self.network_eps(torch.cat((x, x)), torch.cat((t, t)), torch.cat((labels, null)))
         eps_cond, eps_uncond = eps.chunk(2)
         return eps_uncond + guidance * (eps_cond - eps_uncond)
 
@@ -258,6 +332,7 @@ class DDPM(nn.Module):
         eta: float | None = None,
         clip_x0: bool = True,
         shared_noise: bool = False,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Generate images for any labels ``(B,)`` (or class weights ``(B, K + 1)``) with a registered sampler.
 
@@ -266,8 +341,10 @@ class DDPM(nn.Module):
         ``[-1, 1]`` (not clipped); with ``return_trajectory`` also every state from ``x_T`` to ``x_0`` as
         ``(S + 1, B, C, H, W)`` on the CPU. ``progress`` may wrap the step iterator (e.g. ``tqdm``).
         ``shared_noise`` gives every image the same noise at the start and at every step, so that the images
-        differ only by label. The loop is Algorithm 2's: estimate the noise, take a step, add fresh noise
-        except on the last step.
+        differ only by label. ``guidance_interval = (lo, hi)`` applies a ``guidance`` above 1 only at noise
+        levels ``lo < sigma_t <= hi`` and plain conditional sampling (one network call) elsewhere (Kynkaanniemi
+        et al. 2024), with ``sigma_t = sqrt((1 - a_bar_t) / a_bar_t)``; ``guidance <= 1`` applies at every step. The loop is Algorithm 2's: estimate the
+        noise, take a step, add fresh noise except on the last step.
         """
         solver = make_sampler(sampler, self, steps, eta, clip_x0)
         shape = (labels.shape[0], *self.image_shape)
@@ -281,11 +358,20 @@ class DDPM(nn.Module):
         trajectory = [x.cpu()] if return_trajectory else None
         pairs = list(zip(solver.timesteps, solver.timesteps[1:] + [-1]))
         for t, t_prev in progress(pairs) if progress else pairs:
-            eps = self.guided_eps(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), labels, guidance)
+            scale = guidance if guidance <= 1 or self.guided_at(t, guidance_interval) else 1.0
+            eps = self.guided_eps(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), labels, scale)
             x = solver.step(x, eps, t, t_prev, noise() if solver.adds_noise(t_prev) else None)
             if trajectory is not None:
                 trajectory.append(x.cpu())
         return (x, torch.stack(trajectory)) if trajectory is not None else x
+
+
+    def guided_at(self, t: int, interval: tuple[float, float] | None) -> bool:
+        """Whether timestep ``t`` lies in the guidance ``interval`` of noise levels ``sigma`` (all do if ``None``)."""
+        if interval is None:
+            return True
+        sigma = float(((1 - self.alphas_cumprod[t]) / self.alphas_cumprod[t]).sqrt())
+        return interval[0] < sigma <= interval[1]
 
 
 class Sampler:
@@ -371,6 +457,7 @@ class DPMSolverPP2M(Sampler):
     """
 
     name, summary = "dpm++", "DPM-Solver++(2M) over --steps timesteps"
+    default_eta = 1.2  # a little more noise than the posterior's: see docs/quality.md
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

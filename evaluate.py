@@ -26,7 +26,7 @@ import torch
 
 import classifier as clf
 from checkpoint import load_sampler, newest_checkpoint
-from cli import ArgumentParser, add_sampling_args, pick_device, positive_int, run_cli
+from cli import ArgumentParser, add_sampling_args, interval_from_args, pick_device, positive_int, run_cli
 from config import UsageError
 from data import load_dataset, to_uint8
 from ddpm import DDPM, DEFAULT_SAMPLER, SAMPLERS
@@ -37,6 +37,7 @@ from metrics import Reference
 def sampler_settings(args: argparse.Namespace, T: int) -> list[Sampling]:
     """Every row asked for: each sampler (once per ``--steps`` value if it takes steps) at each guidance scale."""
     samplers = args.sampler or [DEFAULT_SAMPLER]
+    interval = interval_from_args(args)
     takes_steps = [name for name in samplers if SAMPLERS[name].default_steps is not None]
     if args.steps and not takes_steps:  # let the sampler say why it takes no --steps
         Sampling(samplers[0], args.steps[0]).resolve(T)
@@ -44,7 +45,7 @@ def sampler_settings(args: argparse.Namespace, T: int) -> list[Sampling]:
     for name in samplers:
         for steps in (args.steps or [None]) if name in takes_steps else [None]:
             eta = args.eta if SAMPLERS[name].default_eta is not None else None
-            rows += [Sampling(name, steps, eta, guidance, args.amp).resolve(T) for guidance in args.guidance]
+            rows += [Sampling(name, steps, eta, guidance, args.amp, interval).resolve(T) for guidance in args.guidance]
     return rows
 
 

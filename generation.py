@@ -20,15 +20,28 @@ from ddpm import DDPM, DEFAULT_SAMPLER, sampler_class
 from speed import Speed, autocast
 
 
+# Noise levels sigma at which a guidance above 1 applies by default (None: every step); see DDPM.sample.
+# The interval of Kynkaanniemi et al. 2024; why it is the default: docs/quality.md.
+DEFAULT_GUIDANCE_INTERVAL: tuple[float, float] | None = (0.28, 5.42)
+
+
+def describe_interval(interval: tuple[float, float] | None) -> str:
+    return "every step" if interval is None else f"{interval[0]:g} < sigma <= {interval[1]:g}"
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """How to draw. ``steps`` and ``eta`` left ``None`` take the sampler's own defaults (:meth:`resolve`)."""
+    """How to draw. ``steps`` and ``eta`` left ``None`` take the sampler's own defaults (:meth:`resolve`).
+
+    ``guidance_interval``: the noise levels at which ``guidance`` applies (``None``: all; ``DDPM.sample``).
+    """
 
     sampler: str = DEFAULT_SAMPLER
     steps: int | None = None
     eta: float | None = None
     guidance: float = 2.0
     amp: bool = False
+    guidance_interval: tuple[float, float] | None = DEFAULT_GUIDANCE_INTERVAL
 
     def resolve(self, T: int) -> Sampling:
         """The same with the sampler's defaults filled in for ``T`` steps; bad settings are a :class:`UsageError`."""
@@ -40,7 +53,9 @@ class Sampling:
 
     def describe(self) -> str:
         """``"dpm++ 20 steps"``, ``"ddpm (all T steps)"``; with ``", bf16"`` under autocast."""
-        return sampler_class(self.sampler).describe(self.steps or 0) + (", bf16" if self.amp else "")
+        interval = ("" if self.guidance_interval == DEFAULT_GUIDANCE_INTERVAL
+                    else f", guided {describe_interval(self.guidance_interval)}")
+        return sampler_class(self.sampler).describe(self.steps or 0) + interval + (", bf16" if self.amp else "")
 
 
 def requested_labels(digit: int | None, n: int, n_classes: int) -> torch.Tensor:
@@ -83,7 +98,7 @@ def generate(ddpm: DDPM, labels: torch.Tensor, how: Sampling, seed: int = 0, bat
 
 
 def _sampler_args(how: Sampling) -> dict[str, Any]:
-    return {"sampler": how.sampler, "steps": how.steps, "eta": how.eta}
+    return {"sampler": how.sampler, "steps": how.steps, "eta": how.eta, "guidance_interval": how.guidance_interval}
 
 
 def _bar(i: int, count: int):

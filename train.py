@@ -47,7 +47,7 @@ def add_setting_flags(p: argparse.ArgumentParser) -> None:
     for name, (_, f) in settings().items():
         if f.metadata["flag"]:
             p.add_argument(flag_name(name), dest=name, type=typed(f.metadata["rule"]),
-                           help=f"{f.metadata['help']} (default {default[name]:g})")
+                           help=f"{f.metadata['help']} (default {default[name]:{'' if isinstance(default[name], str) else 'g'}})")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

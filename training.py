@@ -34,7 +34,7 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from checkpoint import build_ddpm, checkpoint_path, run_tag, save_checkpoint  # noqa: E402
-from config import Config  # noqa: E402
+from config import Config, TrainConfig  # noqa: E402
 from data import DATASETS, batches, save_grid, to_model_range  # noqa: E402
 from ddpm import DDPM, DEFAULT_SAMPLER  # noqa: E402
 from distributed import SINGLE, Replicas, Shard, sum_over_ranks  # noqa: E402
@@ -104,6 +104,26 @@ def ema_decay_at(step: int, decay: float) -> float:
     return min(decay, (1.0 + step) / (10.0 + step))
 
 
+def learning_rate(run: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of global step ``step`` (0-based) of a run of ``run.epochs * steps_per_epoch`` steps.
+
+    ``epoch-linear`` (the ancestor's): ``lr * (1 - epoch / epochs)``, constant within an epoch. ``cosine``:
+    a linear warm-up over ``warmup`` steps, then half a cosine from ``lr`` to 0 at the last step.
+    """
+    if run.lr_schedule == "epoch-linear":
+        return run.lr * (1 - (step // steps_per_epoch) / run.epochs)
+    total = run.epochs * steps_per_epoch
+    if step < run.warmup:
+        return run.lr * (step + 1) / run.warmup
+    progress = (step - run.warmup) / max(1, total - run.warmup)
+    return run.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def make_optimizer(model: nn.Module, lr: float, speed: Speed) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=lr, fused=speed.fused_optimizer or None)
 
@@ -139,8 +159,7 @@ def train_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tensor, c
     run, device, shard = config.training, images.device, state.replicas.shard
     n = steps_per_epoch(len(images), run.batch_size)
     order_gen, noise_gen = epoch_generators(state.ddpm, config, epoch, device, first)
-    for group in state.optimizer.param_groups:
-        group["lr"] = run.lr * (1 - epoch / run.epochs)
+    set_lr(state.optimizer, learning_rate(run, epoch * n + first, n))
     losses: list[float] = []
     pending: list[torch.Tensor] = []  # losses not yet read back: reading one waits for the device
     with tqdm(total=n, initial=first, desc=f"epoch {epoch + 1}/{run.epochs}", dynamic_ncols=True,
@@ -151,6 +170,7 @@ def train_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tensor, c
             batch = min(run.batch_size, len(images) - i * run.batch_size)
             draws = state.ddpm.draw_training_noise(batch, state.ddpm.image_shape, device, noise_gen)
             draws = tuple(state.replicas.part(d) for d in draws)
+            set_lr(state.optimizer, learning_rate(run, epoch * n + i, n))
             pending.append(train_step(state, x, y, draws, ema_decay_at(step + i, run.ema_decay), batch))
             if len(pending) == state.speed.log_every or i == n - 1 or (stop.signum and shard.world == 1):
                 values, stopping = read_back(pending, stop, shard)
@@ -225,8 +245,7 @@ def grid_sampling(config: Config) -> Sampling:
 
 def sample_grid(ema: nn.Module, config: Config, path: str) -> None:
     """Draw ``grid_rows`` rows of classes 0..9 with the EMA weights, the same noise every epoch."""
-    d = config.diffusion
-    ddpm = DDPM(ema, d.T, d.beta_start, d.beta_end).to(next(ema.parameters()).device)
+    ddpm = build_ddpm(config, ema).to(next(ema.parameters()).device)
     ema.eval()
     labels = torch.arange(config.model.n_classes).repeat(config.training.grid_rows)
     x = generate(ddpm, labels, grid_sampling(config), seed=config.training.seed, batch_size=len(labels))

@@ -3,7 +3,8 @@
 A small UNet in the shape of the ancestor's ``ContextUnet``: two down blocks
 (28 -> 14 -> 7 for MNIST's 28x28), the 7x7 bottleneck pooled to one vector, and two
 up blocks with skip connections. Any square size divisible by 4 works. The timestep and the class label ("context")
-modulate the decoder feature maps as ``h = context_embedding * h + time_embedding``.
+modulate the decoder feature maps as ``h = context_embedding * h + time_embedding``; with ``cond_encoder``
+they modulate the two encoder blocks' inputs the same way (two more small MLPs, the same convolutions).
 
 Conventions (the same everywhere in the project):
 
@@ -100,9 +101,11 @@ class ContextUnet(nn.Module):
         n_feat: base width; the bottleneck has ``2 * n_feat`` channels. Must be a
             multiple of 8 (GroupNorm uses 8 groups).
         n_classes: number of real classes; label ``n_classes`` means "no label".
+        cond_encoder: also condition the encoder (the ancestor conditions the decoder only).
     """
 
-    def __init__(self, in_channels: int = 1, n_feat: int = 128, n_classes: int = 10, image_size: int = 28) -> None:
+    def __init__(self, in_channels: int = 1, n_feat: int = 128, n_classes: int = 10, image_size: int = 28,
+                 cond_encoder: bool = False) -> None:
         super().__init__()
         if n_feat <= 0 or n_feat % 8:
             raise ValueError(f"n_feat must be a positive multiple of 8, got {n_feat}")
@@ -122,6 +125,9 @@ class ContextUnet(nn.Module):
         self.time_embed2 = EmbedMLP(n_feat, n_feat)
         self.context_embed1 = EmbedMLP(n_feat, 2 * n_feat)
         self.context_embed2 = EmbedMLP(n_feat, n_feat)
+        self.cond_encoder = bool(cond_encoder)
+        if self.cond_encoder:  # one (scale, shift) pair per encoder block, both n_feat wide
+            self.encoder_embed = nn.ModuleList(EmbedMLP(2 * n_feat, 2 * n_feat) for _ in range(2))
 
         self.up0 = nn.Sequential(
             nn.ConvTranspose2d(2 * n_feat, 2 * n_feat, bottom, bottom), nn.GroupNorm(8, 2 * n_feat), nn.ReLU()
@@ -151,13 +157,21 @@ class ContextUnet(nn.Module):
         """Predict the noise: ``x (B, C, H, W)``, ``t (B,)`` integer in ``[0, T-1]``, ``labels`` as in
         :meth:`embed_labels` -> ``(B, C, H, W)``."""
         context = self.embed_labels(labels)
+        t_emb = timestep_embedding(t, self.n_feat)
         h0 = self.init_conv(x)
-        d1 = self.down1(h0)
-        d2 = self.down2(d1)
+        d1 = self.down1(self.modulate(0, h0, context, t_emb))
+        d2 = self.down2(self.modulate(1, d1, context, t_emb))
         vec = self.to_vec(d2)
 
-        t_emb = timestep_embedding(t, self.n_feat)
         h = self.up0(vec)
         h = self.up1(self.context_embed1(context) * h + self.time_embed1(t_emb), d2)
         h = self.up2(self.context_embed2(context) * h + self.time_embed2(t_emb), d1)
         return self.out(torch.cat((h, h0), dim=1))
+
+    def modulate(self, block: int, h: torch.Tensor, context: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        """The input of encoder block ``block``: ``h (B, n_feat, H, W)`` scaled and shifted by an MLP of
+        ``(context, t_emb)`` when ``cond_encoder`` (``1 + scale``, so a fresh MLP starts near identity)."""
+        if not self.cond_encoder:
+            return h
+        scale, shift = self.encoder_embed[block](torch.cat((context, t_emb), dim=1)).chunk(2, dim=1)
+        return (1 + scale) * h + shift

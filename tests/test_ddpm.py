@@ -261,7 +261,7 @@ def test_dpm_first_and_last_steps_are_ddim_steps():
     ddpm = tiny_ddpm(T=20)
     x, labels, z = torch.randn(2, 1, 28, 28), torch.tensor([2, 9]), torch.randn(2, 1, 28, 28)
     eps = {t: guided(ddpm, x, t, labels, 2.0) for t in (15, 9, 0)}
-    ddim, dpm = DDIM(ddpm), DPMSolverPP2M(ddpm)
+    ddim, dpm = DDIM(ddpm, eta=1.0), DPMSolverPP2M(ddpm, eta=1.0)
     torch.testing.assert_close(dpm.step(x, eps[15], 15, 9, z), ddim.step(x, eps[15], 15, 9, z))
     t, x0 = dpm.before
     assert t == 15 and x0.shape == x.shape and x0.abs().max() <= 1

@@ -1,0 +1,138 @@
+"""The training-recipe ablation: train each recipe at each budget, score each with evaluate.py, one table.
+
+    python benchmarks/recipes.py --data-root DATA --out-dir runs/recipes                 # everything, one by one
+    python benchmarks/recipes.py --data-root DATA --only base min-snr --epochs 8 --jobs 2
+    python benchmarks/recipes.py --data-root DATA --list                                 # the recipes
+
+Every recipe is ``train.py --preset cpu`` plus a few flags (:data:`RECIPES`), trained in fp32 (``--no-amp``)
+for ``--epochs`` (each epoch of the 10,000-digit subset at batch 64 is 157 optimisation steps), then
+scored by ``evaluate.py`` with the default sampler for every ``--seeds`` value (``--n`` digits per class).
+``--jobs`` runs that many trainings (and then scorings) at once, for a GPU that small runs leave idle.
+A recipe already trained is not trained again. The table goes to ``<out-dir>/recipes.md``: accuracy,
+FID, precision and recall per recipe, budget and seed, then the real-data floor of each metric.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from cli import ArgumentParser, positive_int, run_cli  # noqa: E402
+from config import UsageError  # noqa: E402
+
+# name -> flags on top of --preset cpu. One change at a time, then combinations.
+RECIPES: dict[str, list[str]] = {
+    "base": [],
+    "min-snr": ["--loss-weight", "min-snr"],
+    "v": ["--prediction", "v"],
+    "x0": ["--prediction", "x0"],
+    "cosine-betas": ["--schedule", "cosine"],
+    "cosine-lr": ["--lr-schedule", "cosine", "--warmup", "100"],
+    "lr-2e-3": ["--lr", "2e-3"],
+    "ema-0.99": ["--ema-decay", "0.99"],
+    "ema-0.999": ["--ema-decay", "0.999"],
+    "batch-128": ["--batch-size", "128"],
+    "cond-encoder": ["--cond-encoder", "1"],
+    "A": ["--loss-weight", "min-snr", "--lr-schedule", "cosine", "--warmup", "100", "--cond-encoder", "1"],
+    "B": ["--loss-weight", "min-snr", "--lr-schedule", "cosine", "--warmup", "100", "--cond-encoder", "1",
+          "--prediction", "v"],
+    "C": ["--loss-weight", "min-snr", "--lr-schedule", "cosine", "--warmup", "100", "--cond-encoder", "1",
+          "--prediction", "v", "--schedule", "cosine"],
+}
+ROW = re.compile(r"^\| (?P<name>[^|]+) \| (?P<guidance>[^|]+) \| (?P<n>\d+) \| (?P<acc>[\d.]+)% \| (?P<fid>[\d.]+) \| "
+                 r"(?P<precision>[\d.]+) \| (?P<recall>[\d.]+) \|")
+
+
+def run_name(recipe: str, epochs: int) -> str:
+    return f"{recipe}_e{epochs}"
+
+
+def train(recipe: str, epochs: int, args) -> str:
+    """Train one recipe (unless done); the path of its checkpoint."""
+    out = os.path.join(args.out_dir, run_name(recipe, epochs))
+    ckpt = os.path.join(out, "checkpoints")
+    if not (os.path.isdir(ckpt) and any(f.endswith(".pt") for f in os.listdir(ckpt))):
+        command = [sys.executable, os.path.join(ROOT, "train.py"), "--preset", "cpu", "--data-root", args.data_root,
+                   "--no-download", "--out-dir", out, "--epochs", str(epochs), "--no-amp", *RECIPES[recipe],
+                   *shlex.split(args.train_args)]
+        log(out, "train", command)
+    return os.path.join(ckpt, sorted(f for f in os.listdir(ckpt) if f.endswith(".pt"))[0])
+
+
+def score(recipe: str, epochs: int, seed: int, args) -> list[str]:
+    """evaluate.py's table row and floor row for one trained recipe and seed."""
+    out = os.path.join(args.out_dir, run_name(recipe, epochs))
+    command = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--checkpoint", train(recipe, epochs, args),
+               "--data-root", args.data_root, "--n", str(args.n), "--seed", str(seed), "--batch-size", "1000",
+               "--classifier-cache", args.classifier_cache]
+    text = log(out, f"evaluate_seed{seed}", command)
+    rows = [m for m in map(ROW.match, text.splitlines()) if m]
+    if len(rows) != 2:
+        raise UsageError(f"evaluate.py printed no score table for {run_name(recipe, epochs)}; see its log in {out}")
+    return [table_row(recipe, epochs, seed, rows[0]), table_row("real digits (floor)", epochs, seed, rows[1])]
+
+
+def log(out: str, what: str, command: list[str]) -> str:
+    """Run ``command``, keep its output in ``<out>/<what>.log``, return its stdout; a failure is an error."""
+    os.makedirs(out, exist_ok=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    with open(os.path.join(out, f"{what}.log"), "w") as f:
+        f.write(" ".join(command) + "\n" + done.stdout + done.stderr[-20000:])
+    if done.returncode:
+        raise UsageError(f"{what} of {out} failed (exit {done.returncode}); see {out}/{what}.log")
+    return done.stdout
+
+
+def table_row(recipe: str, epochs: int, seed: int, m: re.Match) -> str:
+    flags = " ".join(RECIPES.get(recipe, [])) or "-"
+    return (f"| {recipe} | `{flags}` | {epochs} | {seed} | {m['acc']}% | {m['fid']} | {m['precision']} | "
+            f"{m['recall']} |")
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    p = ArgumentParser(prog="recipes.py", description="Train and score training recipes at fixed budgets.")
+    p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw (default ./data)")
+    p.add_argument("--out-dir", default="runs/recipes", help="where runs and recipes.md go (default runs/recipes)")
+    p.add_argument("--only", nargs="+", choices=list(RECIPES), help="these recipes (default: all)")
+    p.add_argument("--epochs", type=positive_int, nargs="+", default=[8], help="budgets in epochs (default 8)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds (default 0 1)")
+    p.add_argument("--n", type=positive_int, default=100, help="digits per class per score (default 100)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="runs at once (default 1)")
+    p.add_argument("--list", action="store_true", help="print the recipes and stop")
+    p.add_argument("--train-args", default="", help="more train.py flags for every run, one string "
+                                                     "(--train-args='--grid-steps 0')")
+    p.add_argument("--classifier-cache", help="evaluate.py's classifier (default <out-dir>/classifier.pt)")
+    args = p.parse_args(argv)
+    args.classifier_cache = args.classifier_cache or os.path.join(args.out_dir, "classifier.pt")
+    if args.list:
+        print("\n".join(f"{name}: {' '.join(flags) or '(the cpu preset)'}" for name, flags in RECIPES.items()))
+        return 0
+    runs = [(r, e) for e in args.epochs for r in (args.only or RECIPES)]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda run: train(*run, args), runs))
+        log(args.out_dir, "classifier", [sys.executable, os.path.join(ROOT, "classifier.py"), "--data-root",
+                                         args.data_root, "--cache", args.classifier_cache])
+        scored = list(pool.map(lambda job: score(*job, args), [(*run, s) for run in runs for s in args.seeds]))
+    lines = ["| recipe | flags on `--preset cpu` | epochs | seed | accuracy | FID | precision | recall |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [rows[0] for rows in scored] + sorted({rows[1] for rows in scored})
+    with open(os.path.join(args.out_dir, "recipes.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli("recipes.py", _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The training-recipe settings: beta schedules, prediction targets, loss weights, learning rates, the
+encoder-conditioned network, and guidance limited to an interval of noise levels."""
+
+import math
+
+import pytest
+import torch
+
+from checkpoint import build_ddpm
+from config import PRESETS, Config, UsageError
+from ddpm import DDPM, SAMPLERS, cosine_beta_schedule
+from training import learning_rate
+from unet import ContextUnet
+
+
+class Oracle(torch.nn.Module):
+    """A perfect network: it outputs the right answer it was given."""
+
+    def __init__(self, answer: torch.Tensor) -> None:
+        super().__init__()
+        self.answer = answer
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.answer
+
+
+def tiny(prediction: str = "eps", **kwargs) -> DDPM:
+    torch.manual_seed(0)
+    return DDPM(ContextUnet(1, 8, 10), T=50, beta_start=1e-3, beta_end=0.2, prediction=prediction, **kwargs).eval()
+
+
+def test_cosine_schedule_follows_nichol_and_dhariwal():
+    T, s = 1000, 0.008
+    ddpm = DDPM(ContextUnet(1, 8, 10), T=T, schedule="cosine")
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    for t in (0, 250, 500, 900):  # 0-based t is the paper's step t + 1
+        assert ddpm.alphas_cumprod[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-5)
+    betas = cosine_beta_schedule(T)
+    assert betas.max().item() == pytest.approx(0.999) and betas[0].item() == pytest.approx(1 - f(1) / f(0))
+
+
+def test_min_snr_weights_at_a_few_timesteps():
+    # the ancestor's schedule (1e-4 .. 0.02 over 500 steps): SNR 9999, 17.37, 4.239, 0.00639 at these t
+    ddpm = DDPM(ContextUnet(1, 8, 10), T=500, loss_weight="min-snr", snr_gamma=5.0)
+    t = torch.tensor([0, 50, 100, 499])
+    pinned = {"eps": [5 / 9999, 0.287915, 1.0, 1.0],  # min(SNR, 5) / SNR
+              "v": [5 / 10000, 0.272239, 0.809140, 0.006352711],  # min(SNR, 5) / (SNR + 1)
+              "x0": [5.0, 5.0, 4.239448, 0.006393326]}  # min(SNR, 5)
+    for prediction, weights in pinned.items():
+        ddpm.prediction = prediction
+        torch.testing.assert_close(ddpm.loss_weights(t), torch.tensor(weights), rtol=1e-5, atol=1e-8)
+
+
+def test_v_target_and_every_conversion_to_noise_is_exact():
+    torch.manual_seed(1)
+    x0, eps, t = torch.randn(4, 1, 28, 28), torch.randn(4, 1, 28, 28), torch.tensor([0, 10, 30, 49])
+    for prediction in ("eps", "v", "x0"):
+        ddpm = tiny(prediction).double()
+        a = ddpm.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        target = ddpm.target(x0.double(), t, eps.double())
+        if prediction == "v":
+            torch.testing.assert_close(target, a.sqrt() * eps.double() - (1 - a).sqrt() * x0.double(), rtol=1e-5, atol=1e-6)
+        x_t = ddpm.q_sample(x0.double(), t, eps.double())
+        ddpm.eps_model = Oracle(target)
+        torch.testing.assert_close(ddpm.network_eps(x_t, t, torch.zeros(4, dtype=torch.long)), eps.double())
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_runs_with_every_prediction(prediction, sampler):
+    ddpm = tiny(prediction)
+    x = ddpm.sample(torch.arange(3), generator=torch.Generator().manual_seed(0), sampler=sampler, steps=None)
+    assert x.shape == (3, 1, 28, 28) and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("prediction,weight", [("eps", "uniform"), ("v", "min-snr"), ("x0", "min-snr")])
+def test_loss_trains_every_objective(prediction, weight):
+    ddpm = tiny(prediction, loss_weight=weight).train()
+    loss = ddpm.loss(torch.rand(8, 1, 28, 28) * 2 - 1, torch.arange(8), generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert all(p.grad is not None for p in ddpm.eps_model.parameters())
+
+
+def test_learning_rate_schedules():
+    run = PRESETS["cpu"].override(epochs=4, lr=1e-3).training
+    assert [learning_rate(run, s, 10) for s in (0, 9, 10, 39)] == [1e-3, 1e-3, 1e-3 * 0.75, 1e-3 * 0.25]
+    cos = PRESETS["cpu"].override(epochs=4, lr=1e-3, lr_schedule="cosine", warmup=10).training
+    assert learning_rate(cos, 0, 10) == pytest.approx(1e-4) and learning_rate(cos, 9, 10) == pytest.approx(1e-3)
+    assert learning_rate(cos, 25, 10) == pytest.approx(5e-4)  # halfway through the cosine
+    assert learning_rate(cos, 40, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_new_settings_are_checked_and_stored():
+    with pytest.raises(UsageError, match="--prediction must be one of eps, v, x0"):
+        Config().override(prediction="score").validate()
+    with pytest.raises(UsageError, match="--cond-encoder must be 0 or 1"):
+        Config().override(cond_encoder=2).validate()
+    config = PRESETS["cpu"].override(prediction="v", schedule="cosine", cond_encoder=1, loss_weight="min-snr")
+    assert Config.from_dict(config.to_dict()) == config
+    ddpm = build_ddpm(config)
+    assert ddpm.prediction == "v" and ddpm.eps_model.cond_encoder and ddpm.loss_weight == "min-snr"
+    assert ddpm.alphas_cumprod[-1] < 1e-5  # the cosine schedule ignores the preset's betas
+
+
+def test_encoder_conditioning_is_an_addition():
+    plain, conditioned = ContextUnet(1, 16, 10), ContextUnet(1, 16, 10, cond_encoder=True)
+    extra = set(conditioned.state_dict()) - set(plain.state_dict())
+    assert extra and all(k.startswith("encoder_embed.") for k in extra)
+    assert set(plain.state_dict()) <= set(conditioned.state_dict())
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([3, 7])
+    a = conditioned(x, t, torch.tensor([1, 1]))
+    b = conditioned(x, t, torch.tensor([1, 2]))
+    assert not torch.allclose(a, b)
+
+
+def test_guidance_interval():
+    ddpm = tiny()
+    sigma = ((1 - ddpm.alphas_cumprod) / ddpm.alphas_cumprod).sqrt()
+    lo, hi = float(sigma[10]), float(sigma[30])
+    assert [ddpm.guided_at(t, (lo, hi)) for t in (10, 11, 30, 31)] == [False, True, True, False]
+
+    def draw(**kwargs):
+        return ddpm.sample(torch.arange(4), guidance=3.0, generator=torch.Generator().manual_seed(0), steps=10,
+                           **kwargs)
+
+    torch.testing.assert_close(draw(guidance_interval=(0.0, math.inf)), draw())
+    nowhere = ddpm.sample(torch.arange(4), guidance=1.0, generator=torch.Generator().manual_seed(0), steps=10)
+    torch.testing.assert_close(draw(guidance_interval=(1e6, 2e6)), nowhere)
