@@ -53,7 +53,7 @@ def test_sampler_rows():
                     ("dpm++", 10, 1.2, 2.0), ("dpm++", 20, 1.2, 2.0)]
     assert rows_for("--steps", "5", T=50) == [("dpm++", 5, 1.2, 2.0)]  # the default sampler
     assert rows_for(T=500) == [("dpm++", 20, 1.2, 2.0)]
-    assert rows_for(T=8) == [("dpm++", 8, 1.0, 2.0)]
+    assert rows_for(T=8) == [("dpm++", 8, 1.2, 2.0)]
     assert rows_for("--guidance", "0", "4", "--eta", "0", T=8) == [("dpm++", 8, 0.0, 0.0), ("dpm++", 8, 0.0, 4.0)]
     with pytest.raises(UsageError):
         rows_for("--sampler", "ddim", "--steps", "60", T=50)
