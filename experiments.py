@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 
 import classifier as clf
-from checkpoint import load_checkpoint, load_sampler
+from checkpoint import load_sampler, load_training_checkpoint
 from cli import ArgumentParser, pick_device, positive_int, run_cli
 from config import PRESETS, Config
 from data import load_dataset, to_uint8
@@ -41,7 +41,12 @@ EARLY_EPOCH = 1  # the epoch whose model is checked for blends of similar digits
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = ArgumentParser(prog="experiments.py", description="Train and measure every (T, n_feat) configuration.")
+    p = ArgumentParser(prog="experiments.py", description="Train and measure every (T, n_feat) configuration.",
+                       examples=(
+                           "python experiments.py --data-root DATA     # the ancestor's four configurations (GPU)",
+                           "python experiments.py --preset cpu --n-feat 16 32 --data-root DATA --images-dir images"
+                           "   # scaled down, for a CPU",
+                       ))
     p.add_argument("--T", type=positive_int, nargs="+", default=[500, 1000], help="diffusion steps (default 500 1000)")
     p.add_argument("--n-feat", type=positive_int, nargs="+", default=[128, 256], help="UNet widths (default 128 256)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
@@ -80,7 +85,7 @@ def train_configuration(args: argparse.Namespace, config: Config, data: tuple[to
     """Train (or resume, or reuse) one configuration; returns its checkpoint."""
     paths = output_paths(args.out_dir, config)
     T, n_feat, wanted = config.diffusion.T, config.model.n_feat, config.training.epochs
-    ckpt = load_checkpoint(paths["checkpoint"]) if os.path.exists(paths["checkpoint"]) else None
+    ckpt = load_training_checkpoint(paths["checkpoint"]) if os.path.exists(paths["checkpoint"]) else None
     if ckpt is not None and ckpt["config"].training.epochs != wanted:
         ckpt = None  # a run of another length: start over
     elif ckpt is not None and ckpt["epoch"] >= wanted:
@@ -90,7 +95,7 @@ def train_configuration(args: argparse.Namespace, config: Config, data: tuple[to
     with claim_outputs(args.out_dir, paths):
         train(config, images.to(device), labels.to(device), paths, default_speed(device),
               ckpt=ckpt, snapshot_epochs=(EARLY_EPOCH,))
-    return load_checkpoint(paths["checkpoint"])
+    return load_training_checkpoint(paths["checkpoint"])
 
 
 def confusions(predicted: torch.Tensor, labels: torch.Tensor, top: int = 3) -> list[tuple[int, int, float]]:
