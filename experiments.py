@@ -11,7 +11,7 @@ writes one table (``<out-dir>/experiments.md``): final loss, accuracy and FID fo
 training time, and seconds per generated image. The model after epoch 1 (kept as a snapshot) is
 scored too, with the digits it most often draws instead of the one asked for. A finished configuration
 is not trained again, an interrupted one is resumed, so the command can be rerun after a stop.
-``--images-dir`` copies the loss plots and the grids of ``--show-epochs`` there (the README's figures).
+``--images-dir`` copies the loss plots and the grids of ``--show-epochs`` there (the figures of docs/experiments.md).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sampler", choices=fewer_step_samplers(), default=DEFAULT_SAMPLER,
                    help=f"the few-step sampler scored beside the full one (default {DEFAULT_SAMPLER})")
     p.add_argument("--steps", type=positive_int, help="its steps (default: the sampler's own)")
-    p.add_argument("--amp", action="store_true", help="sample in bf16 autocast (faster; see the README)")
+    p.add_argument("--amp", action="store_true", help="sample in bf16 autocast (faster; see docs/performance.md)")
     p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw (default ./data)")
     p.add_argument("--no-download", action="store_true", help="never download MNIST; fail if it is missing")
     p.add_argument("--out-dir", default="experiments", help="where runs and the table go (default ./experiments)")
