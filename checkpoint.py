@@ -24,7 +24,7 @@ import torch
 
 from config import Config, UsageError
 from ddpm import DDPM
-from fileio import atomic_write
+from fileio import atomic_write, ensure_writable_dir
 from unet import ContextUnet
 
 FORMAT = "conditional-ddpm-mnist"
@@ -227,6 +227,6 @@ def export_weights(src: str, dst: str, about: str | None = None) -> dict[str, An
     about = " ".join((about or ckpt.get("about") or describe_training(ckpt, src)).split())
     payload = {"format": FORMAT, "version": VERSION, "kind": "weights", "config": ckpt["config"].to_dict(),
                "ema": ema, "epoch": ckpt.get("epoch", 0), "about": about, **loss_summary(ckpt)}
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    ensure_writable_dir(os.path.dirname(os.path.abspath(dst)), "output folder")
     atomic_write(dst, lambda tmp: _save(payload, tmp))
     return payload

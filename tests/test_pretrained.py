@@ -99,10 +99,13 @@ def test_export_default_about_says_how_it_was_trained(trained_run, tmp_path):
     (["--about", "text"], "--export-weights"),
     (["--export-weights", "w.pt", "--checkpoint", "missing.pt"], "no checkpoint"),
     (["--export-weights", "w.pt", "--checkpoint", "empty"], "no checkpoint in"),
+    (["--export-weights", "blocker/w.pt", "--checkpoint", "TRAINED"], "cannot write"),
 ])
-def test_export_bad_input(tmp_path, monkeypatch, capsys, args, words):
+def test_export_bad_input(trained_run, tmp_path, monkeypatch, capsys, args, words):
     monkeypatch.chdir(tmp_path)
     os.makedirs("empty")
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    args = [trained_run["checkpoint"] if a == "TRAINED" else a for a in args]
     assert sample.main(args) == 2
     assert words in one_line_error(capsys) and not os.path.exists("w.pt")
 
