@@ -1,10 +1,15 @@
-"""The checkpoint: one dict with model, EMA, optimizer, config, epoch and loss history.
+"""The checkpoint: one dict with model, EMA, optimizer, config, epoch and loss history; and the weights file.
 
 ``sample.py`` rebuilds the network from the stored ``config`` alone and loads with
 ``torch.load(..., weights_only=True)``, so a checkpoint never runs code when read. The config is
 stored as a plain dict (:meth:`config.Config.to_dict`); version-1 checkpoints, whose config was one
 flat dict, still load. A checkpoint written when a run was interrupted inside an epoch records how far
 it got: ``epoch`` whole epochs and ``step`` steps of the next.
+
+A *weights file* (:func:`export_weights`, ``kind: "weights"``) is the compact form of a checkpoint for
+sampling only: the config and the EMA weights in float16, no optimizer, no network weights, no loss
+history. :func:`load_checkpoint` returns its weights in float32, so sampling runs in float32; training
+cannot resume from it. The project bundles one (:data:`BUNDLED`), used when no checkpoint was trained.
 """
 
 from __future__ import annotations
@@ -19,12 +24,18 @@ import torch
 
 from config import Config, UsageError
 from ddpm import DDPM
-from fileio import atomic_write
+from fileio import atomic_write, ensure_writable_dir
 from unet import ContextUnet
 
 FORMAT = "conditional-ddpm-mnist"
 VERSION = 3  # 3: may stop inside an epoch (``step``); 2: the config is nested; 1: one flat dict
 READS = (1, 2, 3)
+KINDS = ("training", "weights")  # a checkpoint without "kind" is a training checkpoint
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUNDLED = {"mnist": "pretrained/mnist.pt"}  # relative to the project's folder
+BUNDLED_NAME = "pretrained"  # --checkpoint pretrained: the bundled model
+DEFAULT_DIR = "checkpoints"  # where train.py writes, and where sample.py and evaluate.py look first
+TRAIN_YOUR_OWN = "train your own with 'python train.py --preset cpu'"
 REQUIRED_V1 = ("in_channels", "n_feat", "n_classes", "T", "beta_start", "beta_end", "p_uncond")
 
 
@@ -84,7 +95,27 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         config = Config.from_dict(stored).validate()
     except (TypeError, UsageError) as err:
         raise UsageError(f"{path!r} has no usable config ({err})") from None
+    if ckpt.get("kind", "training") not in KINDS:
+        raise UsageError(f"{path!r} is a checkpoint of unknown kind {ckpt.get('kind')!r}")
+    if ckpt.get("kind") == "weights":
+        ckpt = {**ckpt, "ema": _cast_floats(ckpt.get("ema"), torch.float32, path)}
     return {**ckpt, "config": config}
+
+
+def _cast_floats(state: Any, dtype: torch.dtype, path: str) -> dict[str, torch.Tensor]:
+    """``state`` (a state dict) with its floating-point tensors cast to ``dtype``; integers stay."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"{path!r} holds no usable EMA weights")
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def load_training_checkpoint(path: str) -> dict[str, Any]:
+    """:func:`load_checkpoint` for resuming training: a weights file (no optimizer) is refused."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") == "weights":
+        raise UsageError(f"{path!r} is a weights file (EMA weights only, for sampling); training cannot resume "
+                         "from it: resume from the checkpoint train.py wrote, or start over with --overwrite")
+    return ckpt
 
 
 def unreadable(path: str, err: Exception) -> str:
@@ -106,6 +137,8 @@ def unreadable(path: str, err: Exception) -> str:
 def load_sampler(path: str, device: torch.device, weights: str = "ema") -> tuple[DDPM, dict[str, Any]]:
     """Rebuild the DDPM from a checkpoint's config and load its EMA (or ``"model"``) weights."""
     ckpt = load_checkpoint(path)
+    if weights != "ema" and ckpt.get("kind") == "weights":
+        raise UsageError(f"{path!r} is a weights file: it holds only the EMA weights, not {weights!r}")
     ddpm = build_ddpm(ckpt["config"])
     try:
         ddpm.eps_model.load_state_dict(ckpt[weights])
@@ -114,11 +147,89 @@ def load_sampler(path: str, device: torch.device, weights: str = "ema") -> tuple
     return ddpm.to(device).eval(), ckpt
 
 
+def checkpoints_in(directory: str) -> list[str]:
+    """The ``*.pt`` files directly in ``directory`` (not in subfolders such as ``classifier/`` or ``snapshots/``)."""
+    return [path for path in glob.glob(os.path.join(directory, "*.pt")) if os.path.isfile(path)]
+
+
 def newest_checkpoint(directory: str) -> str:
-    """The most recently written ``*.pt`` in ``directory``."""
-    found = glob.glob(os.path.join(directory, "*.pt"))
+    """The most recently written ``*.pt`` directly in ``directory``."""
+    found = checkpoints_in(directory)
     if not found:
         raise UsageError(
             f"no checkpoint in {directory!r}; train one with 'python train.py' or pass --checkpoint PATH"
         )
     return max(found, key=os.path.getmtime)
+
+
+def bundled_path(dataset: str = "mnist") -> str:
+    """The bundled weights file of ``dataset``, wherever the command is run from."""
+    return os.path.join(HERE, *BUNDLED[dataset].split("/"))
+
+
+def find_checkpoint(name: str | None, fallback: bool = True) -> tuple[str, bool]:
+    """The file ``--checkpoint name`` stands for, and whether it is the bundled model.
+
+    ``None`` (the flag left out) is the newest checkpoint in ``checkpoints/``; when there is none there and
+    ``fallback`` is true, the bundled model, if this copy of the project has it. ``"pretrained"`` is the
+    bundled model; a folder is its newest ``*.pt``; anything else is a file.
+    """
+    if name == BUNDLED_NAME:
+        path = bundled_path()
+        if not os.path.isfile(path):
+            raise UsageError(f"the bundled model {path!r} is missing from this copy of the project; {TRAIN_YOUR_OWN}")
+        return path, True
+    if name is None:
+        if fallback and not checkpoints_in(DEFAULT_DIR) and os.path.isfile(bundled_path()):
+            return bundled_path(), True
+        name = DEFAULT_DIR
+    return (newest_checkpoint(name) if os.path.isdir(name) else name), False
+
+
+def bundled_note(path: str, ckpt: dict[str, Any]) -> str:
+    """The one line saying that the bundled model is used, how it was trained, and how to train one's own."""
+    return f"using the bundled model {path} ({ckpt.get('about') or 'no description'}); {TRAIN_YOUR_OWN}"
+
+
+def describe_training(ckpt: dict[str, Any], source: str) -> str:
+    """A one-line account of how a checkpoint was trained, from what it stores."""
+    config, epoch = ckpt["config"], ckpt.get("epoch", 0)
+    m, d, t = config.model, config.diffusion, config.training
+    text = (f"{config.dataset}, T={d.T}, n_feat={m.n_feat}, preset {config.preset}, {epoch} epoch"
+            f"{'' if epoch == 1 else 's'} of batch {t.batch_size}")
+    if ckpt.get("train_seconds"):
+        text += f", {ckpt['train_seconds'] / 60:.0f} min of training"
+    return f"{text}; exported from {os.path.basename(source)}"
+
+
+def loss_summary(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """``steps`` trained and ``final_loss`` (the mean loss of the last epoch) of a training checkpoint."""
+    losses = ckpt.get("losses")
+    if not losses:
+        return {key: ckpt[key] for key in ("steps", "final_loss", "train_seconds") if key in ckpt}
+    epoch, step = ckpt.get("epoch", 0), ckpt.get("step", 0)
+    per_epoch = max(1, (len(losses) - step) // epoch) if epoch else len(losses)
+    last = losses[-per_epoch:]
+    return {"steps": len(losses), "final_loss": float(sum(last) / len(last)),
+            "train_seconds": float(ckpt.get("train_seconds", 0.0))}
+
+
+def export_weights(src: str, dst: str, about: str | None = None) -> dict[str, Any]:
+    """Write the weights file of checkpoint ``src`` to ``dst``, which must not exist yet; returns what it holds.
+
+    The file is ``{format, version, kind: "weights", config, ema (float16), epoch, about, steps, final_loss,
+    train_seconds}``, written atomically. ``about`` is one line on how the model was trained (default: what
+    the checkpoint records).
+    """
+    if os.path.exists(dst):
+        raise UsageError(f"{dst!r} already exists; remove it or choose another file (nothing is overwritten)")
+    ckpt = load_checkpoint(src)
+    ema = _cast_floats(ckpt.get("ema"), torch.float16, src)
+    if not all(torch.isfinite(v).all() for v in ema.values() if v.is_floating_point()):
+        raise UsageError(f"{src!r}: its EMA weights do not fit in float16 (not finite after the cast)")
+    about = " ".join((about or ckpt.get("about") or describe_training(ckpt, src)).split())
+    payload = {"format": FORMAT, "version": VERSION, "kind": "weights", "config": ckpt["config"].to_dict(),
+               "ema": ema, "epoch": ckpt.get("epoch", 0), "about": about, **loss_summary(ckpt)}
+    ensure_writable_dir(os.path.dirname(os.path.abspath(dst)), "output folder")
+    atomic_write(dst, lambda tmp: _save(payload, tmp))
+    return payload

@@ -153,8 +153,16 @@ def load_or_train(root: str, cache: str, epochs: int = 12, dataset: str = "mnist
     return model, saved
 
 
+EXAMPLES = (
+    "python classifier.py --data-root DATA                            # train once (or reuse the cache)",
+    "python classifier.py --data-root DATA --dataset fashion-mnist    # one per dataset, cached apart",
+    "python classifier.py --data-root DATA --epochs 2 --cache /tmp/c.pt   # a quick one, kept elsewhere",
+)
+
+
 def _main(argv: Sequence[str] | None) -> int:
-    p = ArgumentParser(prog="classifier.py", description="Train (or load the cached) MNIST classifier.")
+    p = ArgumentParser(prog="classifier.py", description="Train (or load the cached) MNIST classifier.",
+                       examples=EXAMPLES)
     p.add_argument("--data-root", default="./data",
                    help="folder holding MNIST/raw or FashionMNIST/raw (default ./data)")
     p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist", help="default mnist")

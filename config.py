@@ -167,7 +167,7 @@ class Config:
         return cls().override(**{k: v for k, v in flat.items() if k in known})
 
 
-# The ancestor's run, and a small model sized for a 2-core CPU (see the README for their measured times).
+# The ancestor's run, and a small model sized for a 2-core CPU (measured times: docs/quality.md).
 PRESETS: dict[str, Config] = {
     "default": Config(),
     "cpu": Config().override(n_feat=32, beta_start=2e-4, beta_end=0.04, batch_size=64, lr=1e-3, grid_rows=1,

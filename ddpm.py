@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The sampler used when none is asked for: a name in SAMPLERS (below). Why this one is in the README.
+# The sampler used when none is asked for: a name in SAMPLERS (below). Why this one: docs/quality.md.
 DEFAULT_SAMPLER = "dpm++"
 
 

@@ -4,6 +4,7 @@
     python evaluate.py --checkpoint C --guidance 0 1 2 4 --steps 10 20 50     # one row per combination
     python evaluate.py --checkpoint C --sampler ddpm dpm++ ddim --steps 20     # all T steps vs 20 of the others
     python evaluate.py --npz out.npz --data-root DATA                          # digits written by sample.py
+    python evaluate.py --checkpoint pretrained --data-root DATA                # the bundled model
 
 For each row, ``--n`` digits of every class are generated (the same digits ``sample.py --n N`` would draw
 with the same seed and settings) and scored with the project's own MNIST classifier (``classifier.py``)
@@ -25,13 +26,20 @@ import numpy as np
 import torch
 
 import classifier as clf
-from checkpoint import load_sampler, newest_checkpoint
+from checkpoint import bundled_note, find_checkpoint, load_sampler
 from cli import ArgumentParser, add_sampling_args, interval_from_args, pick_device, positive_int, run_cli
 from config import UsageError
 from data import load_dataset, to_uint8
 from ddpm import DDPM, DEFAULT_SAMPLER, SAMPLERS
 from generation import Sampling, generate, requested_labels
 from metrics import Reference
+
+
+EXAMPLES = (
+    "python evaluate.py --checkpoint pretrained --data-root DATA      # score the bundled model",
+    "python evaluate.py --data-root DATA --sampler ddpm dpm++ --steps 20   # the newest checkpoint, two samplers",
+    "python evaluate.py --npz out.npz --data-root DATA               # digits written by sample.py --npz",
+)
 
 
 def sampler_settings(args: argparse.Namespace, T: int) -> list[Sampling]:
@@ -61,10 +69,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = ArgumentParser(prog="evaluate.py", description="Score generated digits: accuracy, FID, diversity.")
+    p = ArgumentParser(prog="evaluate.py", description="Score generated digits: accuracy, FID, diversity.",
+                       examples=EXAMPLES)
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", default="checkpoints",
-                        help="checkpoint file, or a folder whose newest ddpm_*.pt is used (default ./checkpoints)")
+    source.add_argument("--checkpoint",
+                        help="checkpoint file, a folder whose newest *.pt is used, or 'pretrained' for the bundled "
+                             "model (default: the newest in ./checkpoints, else the bundled model)")
     source.add_argument("--npz", help="score the digits in this sample.py --npz file instead of generating")
     p.add_argument("--n", type=positive_int, default=100, help="digits per class for each row (default 100)")
     add_sampling_args(p, many=True)
@@ -120,8 +130,10 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.npz:
         images, labels, dataset = read_npz(args.npz)
     else:
-        path = newest_checkpoint(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
+        path, bundled = find_checkpoint(args.checkpoint)
         ddpm, ckpt = load_sampler(path, pick_device(args.device))
+        if bundled:
+            print(bundled_note(path, ckpt), file=sys.stderr)
         settings = sampler_settings(args, ddpm.T)  # bad flags fail before any classifier training
         dataset, labels = ckpt["config"].dataset, requested_labels(None, args.n, ddpm.eps_model.n_classes)
     cache = args.classifier_cache or clf.default_cache(dataset)

@@ -11,7 +11,7 @@ writes one table (``<out-dir>/experiments.md``): final loss, accuracy and FID fo
 training time, and seconds per generated image. The model after epoch 1 (kept as a snapshot) is
 scored too, with the digits it most often draws instead of the one asked for. A finished configuration
 is not trained again, an interrupted one is resumed, so the command can be rerun after a stop.
-``--images-dir`` copies the loss plots and the grids of ``--show-epochs`` there (the README's figures).
+``--images-dir`` copies the loss plots and the grids of ``--show-epochs`` there (the figures of docs/experiments.md).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 
 import classifier as clf
-from checkpoint import load_checkpoint, load_sampler
+from checkpoint import load_sampler, load_training_checkpoint
 from cli import ArgumentParser, pick_device, positive_int, run_cli
 from config import PRESETS, Config
 from data import load_dataset, to_uint8
@@ -41,7 +41,12 @@ EARLY_EPOCH = 1  # the epoch whose model is checked for blends of similar digits
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = ArgumentParser(prog="experiments.py", description="Train and measure every (T, n_feat) configuration.")
+    p = ArgumentParser(prog="experiments.py", description="Train and measure every (T, n_feat) configuration.",
+                       examples=(
+                           "python experiments.py --data-root DATA     # the ancestor's four configurations (GPU)",
+                           "python experiments.py --preset cpu --n-feat 16 32 --data-root DATA --images-dir images"
+                           "   # scaled down, for a CPU",
+                       ))
     p.add_argument("--T", type=positive_int, nargs="+", default=[500, 1000], help="diffusion steps (default 500 1000)")
     p.add_argument("--n-feat", type=positive_int, nargs="+", default=[128, 256], help="UNet widths (default 128 256)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
@@ -54,7 +59,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sampler", choices=fewer_step_samplers(), default=DEFAULT_SAMPLER,
                    help=f"the few-step sampler scored beside the full one (default {DEFAULT_SAMPLER})")
     p.add_argument("--steps", type=positive_int, help="its steps (default: the sampler's own)")
-    p.add_argument("--amp", action="store_true", help="sample in bf16 autocast (faster; see the README)")
+    p.add_argument("--amp", action="store_true", help="sample in bf16 autocast (faster; see docs/performance.md)")
     p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw (default ./data)")
     p.add_argument("--no-download", action="store_true", help="never download MNIST; fail if it is missing")
     p.add_argument("--out-dir", default="experiments", help="where runs and the table go (default ./experiments)")
@@ -80,7 +85,7 @@ def train_configuration(args: argparse.Namespace, config: Config, data: tuple[to
     """Train (or resume, or reuse) one configuration; returns its checkpoint."""
     paths = output_paths(args.out_dir, config)
     T, n_feat, wanted = config.diffusion.T, config.model.n_feat, config.training.epochs
-    ckpt = load_checkpoint(paths["checkpoint"]) if os.path.exists(paths["checkpoint"]) else None
+    ckpt = load_training_checkpoint(paths["checkpoint"]) if os.path.exists(paths["checkpoint"]) else None
     if ckpt is not None and ckpt["config"].training.epochs != wanted:
         ckpt = None  # a run of another length: start over
     elif ckpt is not None and ckpt["epoch"] >= wanted:
@@ -90,7 +95,7 @@ def train_configuration(args: argparse.Namespace, config: Config, data: tuple[to
     with claim_outputs(args.out_dir, paths):
         train(config, images.to(device), labels.to(device), paths, default_speed(device),
               ckpt=ckpt, snapshot_epochs=(EARLY_EPOCH,))
-    return load_checkpoint(paths["checkpoint"])
+    return load_training_checkpoint(paths["checkpoint"])
 
 
 def confusions(predicted: torch.Tensor, labels: torch.Tensor, top: int = 3) -> list[tuple[int, int, float]]:

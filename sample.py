@@ -8,7 +8,10 @@
     python sample.py --digit 3 --trajectory strip.png   # ... and as a still: one row per image
     python sample.py --guidance-grid 0 1 2 4   # one row per guidance scale, same noise -> guidance_grid.png
 
-Reads the newest checkpoint in ./checkpoints unless --checkpoint is given.
+Reads the newest checkpoint in ./checkpoints unless --checkpoint is given; when there is none, the bundled
+model (pretrained/mnist.pt), saying so on stderr. ``--checkpoint pretrained`` asks for the bundled model.
+
+    python sample.py --export-weights mine.pt  # the newest checkpoint as a compact weights file, then exit
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from checkpoint import load_sampler, newest_checkpoint
+from checkpoint import bundled_note, export_weights, find_checkpoint, load_sampler
 from cli import ArgumentParser, add_sampling_args, non_negative_float, pick_device, positive_int, run_cli
 from cli import sampling_from_args
 from config import Config, UsageError
@@ -36,7 +39,7 @@ STRIP_COLUMNS = 10  # states shown per row by --trajectory, from pure noise to t
 EXAMPLES = (
     "python sample.py --digit 7                 # 10 sevens -> samples_7.png",
     "python sample.py --n 100 --npz out.npz     # 1,000 digits as arrays, for evaluate.py",
-    "python sample.py --interpolate 6 8 --n 9   # a 6 that turns into an 8 -> interpolate_6_8.png",
+    "python sample.py --export-weights mine.pt  # the newest checkpoint as a small weights file",
 )
 
 
@@ -47,8 +50,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="class to draw: the digit, or the Fashion-MNIST class index (default: every class)")
     p.add_argument("--n", type=positive_int, default=10,
                    help="images per class (default 10); with --interpolate, images in the row")
-    p.add_argument("--checkpoint", default="checkpoints",
-                   help="checkpoint file, or a folder whose newest *.pt is used (default ./checkpoints)")
+    p.add_argument("--checkpoint",
+                   help="checkpoint file, a folder whose newest *.pt is used, or 'pretrained' for the bundled "
+                        "model (default: the newest in ./checkpoints, else the bundled model)")
     add_sampling_args(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--interpolate", nargs=2, type=int, metavar=("A", "B"),
@@ -62,6 +66,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="PNG to write (default samples_<digit>.png, samples_all.png, "
                                  "interpolate_<A>_<B>.png or guidance_grid.png)")
     p.add_argument("--npz", help="also save uint8 images (N, 28, 28) and labels (N,) to this .npz file")
+    export = p.add_argument_group("weights file (instead of drawing)")
+    export.add_argument("--export-weights", metavar="OUT",
+                        help="write the checkpoint's config and EMA weights (float16) to OUT, a new file, and exit")
+    export.add_argument("--about", help="one line on how the model was trained, stored in the weights file "
+                                        "(default: what the checkpoint records)")
     return p.parse_args(argv)
 
 
@@ -104,6 +113,12 @@ def _save_npz(path: str, images: np.ndarray, labels: np.ndarray, dataset: str) -
 
 def check_modes(args: argparse.Namespace) -> None:
     """Refuse option combinations that have no meaning, before any work."""
+    if args.about is not None and not args.export_weights:
+        raise UsageError("--about describes a weights file; it goes with --export-weights OUT")
+    drawing = [flag for flag, value in (("--out", args.out), ("--npz", args.npz), ("--gif", args.gif),
+                                        ("--trajectory", args.trajectory)) if value]
+    if args.export_weights and drawing:
+        raise UsageError(f"--export-weights writes only the weights file; drop {drawing[0]}")
     special = "--interpolate" if args.interpolate else "--guidance-grid" if args.guidance_grid else None
     if special and args.npz:
         raise UsageError(f"--npz saves labelled samples for evaluate.py; it does not go with {special}")
@@ -170,11 +185,24 @@ def draw_images(ddpm: DDPM, config: Config, how: Sampling, args: argparse.Namesp
     return x, what
 
 
+def export(args: argparse.Namespace) -> int:
+    """``--export-weights OUT``: the checkpoint as a weights file (see ``checkpoint.export_weights``)."""
+    path, _ = find_checkpoint(args.checkpoint, fallback=False)
+    saved = export_weights(path, args.export_weights, args.about)
+    print(f"{args.export_weights}: EMA weights of {path} (epoch {saved['epoch']}) in float16, "
+          f"{os.path.getsize(args.export_weights) / 1e6:.1f} MB ({saved['about']})", file=sys.stderr)
+    return 0
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     check_modes(args)
-    path = newest_checkpoint(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
+    if args.export_weights:
+        return export(args)
+    path, bundled = find_checkpoint(args.checkpoint)
     ddpm, ckpt = load_sampler(path, pick_device(args.device))
+    if bundled:
+        print(bundled_note(path, ckpt), file=sys.stderr)
     if args.digit is not None:
         check_class(args.digit, "--digit", ckpt["config"])
     how = sampling_from_args(args, ddpm.T)

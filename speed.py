@@ -52,10 +52,10 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def default_speed(device: torch.device) -> Speed:
-    """The fast path for ``device``; see the README's performance section for what each part buys."""
+    """The fast path for ``device``; see docs/performance.md for what each part buys."""
     return Speed(
         amp=bf16_supported(device),
-        channels_last=False,  # opt-in: see the README's performance section for why
+        channels_last=False,  # opt-in: see docs/performance.md for why
         fused_optimizer=device.type in ("cuda", "cpu"),
         on_device_data=True,
         log_every=25,

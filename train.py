@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 
 import distributed
-from checkpoint import load_checkpoint
+from checkpoint import load_training_checkpoint
 from cli import ArgumentParser, pick_device, positive_int, run_cli, typed
 from config import PRESETS, Config, UsageError, flag_name, settings
 from data import DATASETS, load_dataset
@@ -111,7 +111,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
 def start_state(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, Any] | None:
     """The checkpoint to resume from (``None`` for a fresh run); refuse to clobber an existing run."""
     if args.resume:
-        ckpt = load_checkpoint(paths["checkpoint"])
+        ckpt = load_training_checkpoint(paths["checkpoint"])
         stored = ckpt["config"].flat()
         for key, value in explicit_settings(args).items():
             if stored[key] != value:

@@ -1,4 +1,4 @@
-"""The quality metric on real digits with the defects it must catch: a table for the README.
+"""The quality metric on real digits with the defects it must catch: a table for docs/quality.md.
 
     python benchmarks/metric_sanity.py --data-root DATA
 

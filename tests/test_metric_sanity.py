@@ -2,7 +2,7 @@
 
 These run on real MNIST, which the tests never download: they use the data root named by the environment
 variable ``MNIST_DATA_ROOT`` (or ``./data``, the scripts' default) and are skipped when it holds no MNIST.
-The classifier is trained here for two epochs (about half a minute on a 2-core CPU); the README's table
+The classifier is trained here for two epochs (about half a minute on a 2-core CPU); the table of docs/quality.md
 (``benchmarks/metric_sanity.py``) gives the same cases with the fully trained one.
 """
 
