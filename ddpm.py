@@ -38,6 +38,9 @@ from torch import nn
 
 # The sampler used when none is asked for: a name in SAMPLERS (below). Why this one: docs/quality.md.
 DEFAULT_SAMPLER = "dpm++"
+# Noise levels sigma at which a guidance above 1 applies by default (None: every step); see DDPM.sample.
+# The interval of Kynkaanniemi et al. 2024; why it is the default: docs/quality.md.
+DEFAULT_GUIDANCE_INTERVAL: tuple[float, float] | None = (0.28, 5.42)
 
 
 def linear_beta_schedule(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -332,7 +335,7 @@ class DDPM(nn.Module):
         eta: float | None = None,
         clip_x0: bool = True,
         shared_noise: bool = False,
-        guidance_interval: tuple[float, float] | None = None,
+        guidance_interval: tuple[float, float] | None = DEFAULT_GUIDANCE_INTERVAL,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Generate images for any labels ``(B,)`` (or class weights ``(B, K + 1)``) with a registered sampler.
 
@@ -343,8 +346,9 @@ class DDPM(nn.Module):
         ``shared_noise`` gives every image the same noise at the start and at every step, so that the images
         differ only by label. ``guidance_interval = (lo, hi)`` applies a ``guidance`` above 1 only at noise
         levels ``lo < sigma_t <= hi`` and plain conditional sampling (one network call) elsewhere (Kynkaanniemi
-        et al. 2024), with ``sigma_t = sqrt((1 - a_bar_t) / a_bar_t)``; ``guidance <= 1`` applies at every step. The loop is Algorithm 2's: estimate the
-        noise, take a step, add fresh noise except on the last step.
+        et al. 2024), with ``sigma_t = sqrt((1 - a_bar_t) / a_bar_t)``; ``guidance <= 1`` applies at every
+        step. The loop is Algorithm 2's: estimate the noise, take a step, add fresh noise except on the last
+        step.
         """
         solver = make_sampler(sampler, self, steps, eta, clip_x0)
         shape = (labels.shape[0], *self.image_shape)

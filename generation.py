@@ -16,13 +16,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from config import UsageError
-from ddpm import DDPM, DEFAULT_SAMPLER, sampler_class
+from ddpm import DDPM, DEFAULT_GUIDANCE_INTERVAL, DEFAULT_SAMPLER, sampler_class
 from speed import Speed, autocast
-
-
-# Noise levels sigma at which a guidance above 1 applies by default (None: every step); see DDPM.sample.
-# The interval of Kynkaanniemi et al. 2024; why it is the default: docs/quality.md.
-DEFAULT_GUIDANCE_INTERVAL: tuple[float, float] | None = (0.28, 5.42)
 
 
 def describe_interval(interval: tuple[float, float] | None) -> str:

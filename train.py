@@ -41,13 +41,17 @@ EXAMPLES = (
 )
 
 
+def format_default(value: object) -> str:
+    return value if isinstance(value, str) else f"{value:g}"
+
+
 def add_setting_flags(p: argparse.ArgumentParser) -> None:
     """One flag per setting of ``config.Config`` that the command line sets (``n_feat`` -> ``--n-feat``)."""
     default = PRESETS["default"].flat()
     for name, (_, f) in settings().items():
         if f.metadata["flag"]:
             p.add_argument(flag_name(name), dest=name, type=typed(f.metadata["rule"]),
-                           help=f"{f.metadata['help']} (default {default[name]:{'' if isinstance(default[name], str) else 'g'}})")
+                           help=f"{f.metadata['help']} (default {format_default(default[name])})")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
