@@ -16,9 +16,16 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable
 
+from ddpm import BETA_SCHEDULES, LOSS_WEIGHTS, PREDICTIONS
+
 
 class UsageError(Exception):
     """Bad input. Reported as one line on stderr with exit status 2, never as a traceback."""
+
+
+def choice(values: tuple[str, ...]) -> tuple[Callable[[str], Any], Callable[[Any], bool], str]:
+    """A rule for a setting that takes one of ``values``."""
+    return str, lambda v: v in values, f"one of {', '.join(values)}"
 
 
 # rule name -> (parse a command-line string, the test a value must pass, what the test asks for)
@@ -29,10 +36,10 @@ RULES: dict[str, tuple[Callable[[str], Any], Callable[[Any], bool], str]] = {
     "non_negative_float": (float, lambda v: 0 <= v < math.inf, "a number >= 0"),
     "int": (int, lambda v: True, "an integer"),
     "switch": (int, lambda v: v in (0, 1), "0 or 1"),
-    "prediction": (str, lambda v: v in ("eps", "v", "x0"), "one of eps, v, x0"),
-    "schedule": (str, lambda v: v in ("linear", "cosine"), "one of linear, cosine"),
-    "loss_weight": (str, lambda v: v in ("uniform", "min-snr"), "one of uniform, min-snr"),
-    "lr_schedule": (str, lambda v: v in ("epoch-linear", "cosine"), "one of epoch-linear, cosine"),
+    "prediction": choice(PREDICTIONS),
+    "schedule": choice(BETA_SCHEDULES),
+    "loss_weight": choice(LOSS_WEIGHTS),
+    "lr_schedule": choice(("epoch-linear", "cosine")),
 }
 
 

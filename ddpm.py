@@ -361,8 +361,9 @@ class DDPM(nn.Module):
         x = noise()
         trajectory = [x.cpu()] if return_trajectory else None
         pairs = list(zip(solver.timesteps, solver.timesteps[1:] + [-1]))
+        guided = self.guided_steps(guidance_interval)  # read once: a per-step read would wait for the device
         for t, t_prev in progress(pairs) if progress else pairs:
-            scale = guidance if guidance <= 1 or self.guided_at(t, guidance_interval) else 1.0
+            scale = guidance if guidance <= 1 or guided[t] else 1.0
             eps = self.guided_eps(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), labels, scale)
             x = solver.step(x, eps, t, t_prev, noise() if solver.adds_noise(t_prev) else None)
             if trajectory is not None:
@@ -370,12 +371,12 @@ class DDPM(nn.Module):
         return (x, torch.stack(trajectory)) if trajectory is not None else x
 
 
-    def guided_at(self, t: int, interval: tuple[float, float] | None) -> bool:
-        """Whether timestep ``t`` lies in the guidance ``interval`` of noise levels ``sigma`` (all do if ``None``)."""
+    def guided_steps(self, interval: tuple[float, float] | None) -> list[bool]:
+        """For each timestep, whether its noise level ``sigma`` lies in the guidance ``interval`` (all if ``None``)."""
         if interval is None:
-            return True
-        sigma = float(((1 - self.alphas_cumprod[t]) / self.alphas_cumprod[t]).sqrt())
-        return interval[0] < sigma <= interval[1]
+            return [True] * self.T
+        sigma = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().tolist()
+        return [interval[0] < s <= interval[1] for s in sigma]
 
 
 class Sampler:

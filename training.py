@@ -159,7 +159,6 @@ def train_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tensor, c
     run, device, shard = config.training, images.device, state.replicas.shard
     n = steps_per_epoch(len(images), run.batch_size)
     order_gen, noise_gen = epoch_generators(state.ddpm, config, epoch, device, first)
-    set_lr(state.optimizer, learning_rate(run, epoch * n + first, n))
     losses: list[float] = []
     pending: list[torch.Tensor] = []  # losses not yet read back: reading one waits for the device
     with tqdm(total=n, initial=first, desc=f"epoch {epoch + 1}/{run.epochs}", dynamic_ncols=True,

@@ -119,7 +119,7 @@ def test_guidance_interval():
     ddpm = tiny()
     sigma = ((1 - ddpm.alphas_cumprod) / ddpm.alphas_cumprod).sqrt()
     lo, hi = float(sigma[10]), float(sigma[30])
-    assert [ddpm.guided_at(t, (lo, hi)) for t in (10, 11, 30, 31)] == [False, True, True, False]
+    assert [ddpm.guided_steps((lo, hi))[t] for t in (10, 11, 30, 31)] == [False, True, True, False]
 
     def draw(**kwargs):
         return ddpm.sample(torch.arange(4), guidance=3.0, generator=torch.Generator().manual_seed(0), steps=10,
