@@ -1,11 +1,12 @@
 """Training and sampling speed of the fast path against the plain path, measured side by side.
 
     python benchmarks/bench.py                                   # T=500, n_feat=128, batch 256, default device
+    python benchmarks/bench.py --device cpu --preset cpu --ablate --compile --sample-n 100   # the CPU preset
     python benchmarks/bench.py --device cpu --batch-size 128 --train-steps 4 --warmup 1 --sample-n 100 --ablate
 
 Both paths run the very code ``train.py`` runs (``training.train_step`` over ``data.batches``) on random
-uint8 digits, and sample with the default sampler (``--sampler`` to change it): the plain path is fp32, a DataLoader, eager, the loss read back every step; the fast path is
-``speed.default_speed(device)``. FLOPs are counted once with ``torch.utils.flop_counter`` (a training step
+uint8 digits, and sample with the default sampler (``--sampler`` to change it): the plain path is fp32, a
+DataLoader, eager, the loss read back every step; the fast path is ``speed.default_speed(device)``. FLOPs are counted once with ``torch.utils.flop_counter`` (a training step
 is counted as forward + backward of the network).
 """
 
@@ -35,8 +36,10 @@ from speed import PLAIN, Speed, default_speed, prepare_model  # noqa: E402
 from training import TrainState, make_optimizer, train_step  # noqa: E402
 
 
-def config_for(T: int, n_feat: int, batch_size: int) -> Config:
-    return PRESETS["default"].override(T=T, n_feat=n_feat, batch_size=batch_size)
+def config_for(args: Any) -> Config:
+    """``--preset``'s configuration with ``--T``, ``--n-feat`` and ``--batch-size`` where given."""
+    given = {"T": args.T, "n_feat": args.n_feat, "batch_size": args.batch_size}
+    return PRESETS[args.preset].override(**{k: v for k, v in given.items() if v is not None})
 
 
 def training_flops(config: Config, batch: int) -> tuple[int, int]:
@@ -107,12 +110,13 @@ def time_sampling(config: Config, speed: Speed, device: torch.device, n: int, ho
 
 def run(args: Any) -> list[dict[str, Any]]:
     device = pick_device(args.device)
-    config = config_for(args.T, args.n_feat, args.batch_size)
+    config = config_for(args)
     how = sampling(args)
     forward, step = training_flops(config, 4)
     print(f"device {device} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
-          + f"), torch {torch.__version__}; T={args.T} n_feat={args.n_feat} batch {args.batch_size}")
+          + f"), torch {torch.__version__}, {torch.get_num_threads()} threads; preset {args.preset}, "
+          + f"T={args.T} n_feat={args.n_feat} batch {args.batch_size}")
     print(f"network: {forward / 1e9:.2f} GFLOP per image forward, {step / 1e9:.2f} GFLOP per image per training step")
     rows = []
     for name, speed in (("plain", PLAIN), ("fast", default_speed(device))):
@@ -132,7 +136,7 @@ def run(args: Any) -> list[dict[str, Any]]:
 def ablate(args: Any) -> None:
     """Training speed of the fast path with one part of it turned off at a time."""
     device = pick_device(args.device)
-    config = config_for(args.T, args.n_feat, args.batch_size)
+    config = config_for(args)
     fast = default_speed(device)
     variants = [("fast path", fast)] + [
         (f"without {name}", replace(fast, **{name: value}))
@@ -168,9 +172,12 @@ def report(rows: list[dict[str, Any]], args: Any) -> None:
 
 def _main(argv: Sequence[str] | None) -> int:
     p = ArgumentParser(prog="bench.py", description="Fast path against plain path: training and sampling speed.")
-    p.add_argument("--T", type=positive_int, default=500)
-    p.add_argument("--n-feat", type=positive_int, default=128)
-    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="train.py preset whose network and batch are timed (default: the ancestor's)")
+    p.add_argument("--T", type=positive_int, help="diffusion steps (default: the preset's)")
+    p.add_argument("--n-feat", type=positive_int, help="UNet width (default: the preset's)")
+    p.add_argument("--batch-size", type=positive_int, help="batch size (default: the preset's)")
+    p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's own choice)")
     p.add_argument("--train-steps", type=positive_int, default=20, help="timed training steps per path")
     p.add_argument("--warmup", type=positive_int, default=2, help="untimed steps first")
     p.add_argument("--sample-n", type=positive_int, default=1000, help="digits sampled per timing")
@@ -182,9 +189,16 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--ablate", action="store_true", help="also time training with each fast-path part off")
     p.add_argument("--compile", action="store_true", help="with --ablate: also time the fast path compiled")
     args = p.parse_args(argv)
-    report(run(args), args)
-    if args.ablate:
-        ablate(args)
+    flat = config_for(args).flat()
+    args.T, args.n_feat, args.batch_size = flat["T"], flat["n_feat"], flat["batch_size"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        report(run(args), args)
+        if args.ablate:
+            ablate(args)
+    finally:
+        torch.set_num_threads(threads)  # main() may be called from a longer-lived process (the tests)
     return 0
 
 

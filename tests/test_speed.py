@@ -52,6 +52,16 @@ def test_bench_runs(capsys):
     out = capsys.readouterr().out
     assert "| plain |" in out and "| fast |" in out and "fast / plain: training" in out
     assert "| fast path |" in out and "| plain path |" in out and "| fast path + channels_last |" in out
+    assert "preset default, T=8 n_feat=8 batch 4" in out
+
+
+def test_bench_times_a_presets_network(capsys):
+    from benchmarks import bench
+
+    args = ["--preset", "cpu", "--T", "8", "--n-feat", "8", "--train-steps", "1", "--warmup", "1",
+            "--sample-n", "2", "--sample-steps", "2", "--device", "cpu", "--threads", "1"]
+    assert bench.main(args) == 0
+    assert "1 threads; preset cpu, T=8 n_feat=8 batch 32" in capsys.readouterr().out
 
 
 def test_tile_data_repeats_the_training_split(tmp_path):
