@@ -61,7 +61,7 @@ def test_bench_times_a_presets_network(capsys):
     args = ["--preset", "cpu", "--T", "8", "--n-feat", "8", "--train-steps", "1", "--warmup", "1",
             "--sample-n", "2", "--sample-steps", "2", "--device", "cpu", "--threads", "1"]
     assert bench.main(args) == 0
-    assert "1 threads; preset cpu, T=8 n_feat=8 batch 32" in capsys.readouterr().out
+    assert "1 threads; preset cpu, T=8 n_feat=8 batch 64" in capsys.readouterr().out
 
 
 def test_tile_data_repeats_the_training_split(tmp_path):
