@@ -46,6 +46,13 @@ RECIPES: dict[str, list[str]] = {
           "--prediction", "v"],
     "C": ["--loss-weight", "min-snr", "--lr-schedule", "cosine", "--warmup", "100", "--cond-encoder", "1",
           "--prediction", "v", "--schedule", "cosine"],
+    # The two changes that help alone, then the same images in smaller batches (more steps).
+    "D": ["--prediction", "v", "--cond-encoder", "1"],
+    "D-b32": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32"],
+    "D-b16": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "16"],
+    "D-b32-cosine-lr": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32", "--lr-schedule", "cosine",
+                        "--warmup", "100"],
+    "D-b32-lr-2e-3": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32", "--lr", "2e-3"],
 }
 ROW = re.compile(r"^\| (?P<name>[^|]+) \| (?P<guidance>[^|]+) \| (?P<n>\d+) \| (?P<acc>[\d.]+)% \| (?P<fid>[\d.]+) \| "
                  r"(?P<precision>[\d.]+) \| (?P<recall>[\d.]+) \|")
