@@ -29,6 +29,7 @@ The paper's form ``(1 + w) * eps_cond - w * eps_uncond`` is the same with ``s = 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Iterable
 
@@ -80,6 +81,14 @@ def _draw_device(device: torch.device, generator: torch.Generator | None) -> tor
 
 def _randn(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=_draw_device(device, generator)).to(device)
+
+
+def _noise(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None,
+           shared: bool) -> torch.Tensor:
+    """``z ~ N(0, I)`` of ``shape``; ``shared``: one image's draw repeated over the batch."""
+    if shared:
+        return _randn((1, *shape[1:]), device, generator).expand(shape)
+    return _randn(shape, device, generator)
 
 
 class DDPM(nn.Module):
@@ -344,20 +353,13 @@ class DDPM(nn.Module):
         ``[-1, 1]`` (not clipped); with ``return_trajectory`` also every state from ``x_T`` to ``x_0`` as
         ``(S + 1, B, C, H, W)`` on the CPU. ``progress`` may wrap the step iterator (e.g. ``tqdm``).
         ``shared_noise`` gives every image the same noise at the start and at every step, so that the images
-        differ only by label. ``guidance_interval = (lo, hi)`` applies a ``guidance`` above 1 only at noise
-        levels ``lo < sigma_t <= hi`` and plain conditional sampling (one network call) elsewhere (Kynkaanniemi
-        et al. 2024), with ``sigma_t = sqrt((1 - a_bar_t) / a_bar_t)``; ``guidance <= 1`` applies at every
-        step. The loop is Algorithm 2's: estimate the noise, take a step, add fresh noise except on the last
-        step.
+        differ only by label. A ``guidance`` above 1 applies only inside ``guidance_interval``
+        (:meth:`guided_steps`); ``guidance <= 1`` applies at every step. The loop is Algorithm 2's: estimate
+        the noise, take a step, add fresh noise except on the last step.
         """
         solver = make_sampler(sampler, self, steps, eta, clip_x0)
         shape = (labels.shape[0], *self.image_shape)
-
-        def noise() -> torch.Tensor:  # z ~ N(0, I)
-            if shared_noise:
-                return _randn((1, *shape[1:]), labels.device, generator).expand(shape)
-            return _randn(shape, labels.device, generator)
-
+        noise = functools.partial(_noise, shape, labels.device, generator, shared_noise)
         x = noise()
         trajectory = [x.cpu()] if return_trajectory else None
         pairs = list(zip(solver.timesteps, solver.timesteps[1:] + [-1]))
@@ -372,7 +374,8 @@ class DDPM(nn.Module):
 
 
     def guided_steps(self, interval: tuple[float, float] | None) -> list[bool]:
-        """For each timestep, whether its noise level ``sigma`` lies in the guidance ``interval`` (all if ``None``)."""
+        """For each timestep, whether its noise level lies in the guidance ``interval = (lo, hi)``: ``lo < sigma_t
+        <= hi`` with ``sigma_t = sqrt((1 - a_bar_t) / a_bar_t)`` (Kynkaanniemi et al. 2024); all if ``None``."""
         if interval is None:
             return [True] * self.T
         sigma = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().tolist()

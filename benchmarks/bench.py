@@ -110,7 +110,7 @@ def time_sampling(config: Config, speed: Speed, device: torch.device, n: int, ho
 
 def run(args: Any) -> list[dict[str, Any]]:
     device = pick_device(args.device)
-    config = config_for(args)
+    config = args.config
     how = sampling(args)
     forward, step = training_flops(config, 4)
     print(f"device {device} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
@@ -136,7 +136,7 @@ def run(args: Any) -> list[dict[str, Any]]:
 def ablate(args: Any) -> None:
     """Training speed of the fast path with one part of it turned off at a time."""
     device = pick_device(args.device)
-    config = config_for(args)
+    config = args.config
     fast = default_speed(device)
     variants = [("fast path", fast)] + [
         (f"without {name}", replace(fast, **{name: value}))
@@ -189,7 +189,8 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--ablate", action="store_true", help="also time training with each fast-path part off")
     p.add_argument("--compile", action="store_true", help="with --ablate: also time the fast path compiled")
     args = p.parse_args(argv)
-    flat = config_for(args).flat()
+    args.config = config_for(args)
+    flat = args.config.flat()
     args.T, args.n_feat, args.batch_size = flat["T"], flat["n_feat"], flat["batch_size"]
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or threads)
