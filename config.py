@@ -16,7 +16,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable
 
-from ddpm import BETA_SCHEDULES, LOSS_WEIGHTS, PREDICTIONS
+from ddpm import BETA_SCHEDULES, LOSS_WEIGHTS, PREDICTIONS, T_SAMPLINGS
 
 
 class UsageError(Exception):
@@ -39,6 +39,8 @@ RULES: dict[str, tuple[Callable[[str], Any], Callable[[Any], bool], str]] = {
     "prediction": choice(PREDICTIONS),
     "schedule": choice(BETA_SCHEDULES),
     "loss_weight": choice(LOSS_WEIGHTS),
+    "t_sampling": choice(T_SAMPLINGS),
+    "float": (float, lambda v: math.isfinite(v), "a number"),
     "lr_schedule": choice(("epoch-linear", "cosine")),
 }
 
@@ -93,6 +95,11 @@ class TrainConfig:
     loss_weight: str = setting("uniform", "loss_weight", "uniform (Ho et al.) or min-snr: each timestep's loss "
                                "weighted as Min-SNR-gamma (Hang et al. 2023)")
     snr_gamma: float = setting(5.0, "positive_float", "gamma of --loss-weight min-snr")
+    t_sampling: str = setting("uniform", "t_sampling", "how training draws timesteps: uniform (Ho et al.) or "
+                              "log-normal: log sigma ~ N(mean, std^2), the noise levels of EDM (Karras et al. 2022)")
+    log_sigma_mean: float = setting(-1.2, "float", "mean of log sigma under --t-sampling log-normal")
+    log_sigma_std: float = setting(1.2, "positive_float", "standard deviation of log sigma under --t-sampling "
+                                   "log-normal")
     p_uncond: float = setting(0.1, "non_negative_float", "probability of dropping a label (classifier-free guidance)")
     ema_decay: float = setting(0.995, "non_negative_float", "EMA decay of the sampling weights")
     seed: int = setting(0, "int", "random seed (weights, data order, noise)")

@@ -61,6 +61,7 @@ def cosine_beta_schedule(T: int, s: float = 0.008) -> torch.Tensor:
 BETA_SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v", "x0")
 LOSS_WEIGHTS = ("uniform", "min-snr")
+T_SAMPLINGS = ("uniform", "log-normal")
 
 
 def beta_schedule(kind: str, T: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -105,6 +106,9 @@ class DDPM(nn.Module):
         prediction: ``"eps"`` (the noise, Ho et al.), ``"v"`` (Salimans & Ho 2022) or ``"x0"``.
         loss_weight: ``"uniform"`` (plain MSE on the target) or ``"min-snr"`` (Hang et al. 2023, with
             ``snr_gamma``).
+        t_sampling: how training draws ``t``: ``"uniform"`` (Algorithm 1) or ``"log-normal"``, the noise
+            levels of EDM (Karras et al. 2022): ``log sigma ~ N(log_sigma_mean, log_sigma_std^2)``, see
+            :meth:`timestep_probabilities`.
     """
 
     def __init__(
@@ -118,6 +122,9 @@ class DDPM(nn.Module):
         prediction: str = "eps",
         loss_weight: str = "uniform",
         snr_gamma: float = 5.0,
+        t_sampling: str = "uniform",
+        log_sigma_mean: float = -1.2,
+        log_sigma_std: float = 1.2,
     ) -> None:
         super().__init__()
         if T < 1:
@@ -125,13 +132,18 @@ class DDPM(nn.Module):
         if not 0 < beta_start <= beta_end < 1:
             raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
         for name, value, known in (("schedule", schedule, BETA_SCHEDULES), ("prediction", prediction, PREDICTIONS),
-                                   ("loss_weight", loss_weight, LOSS_WEIGHTS)):
+                                   ("loss_weight", loss_weight, LOSS_WEIGHTS),
+                                   ("t_sampling", t_sampling, T_SAMPLINGS)):
             if value not in known:
                 raise ValueError(f"{name} must be one of {', '.join(known)}, got {value!r}")
         self.eps_model, self.T, self.p_uncond = eps_model, T, p_uncond
         self.prediction, self.loss_weight, self.snr_gamma = prediction, loss_weight, snr_gamma
+        self.t_sampling = t_sampling
         self.image_shape = (eps_model.in_channels, eps_model.image_size, eps_model.image_size)
-        for name, value in self.schedule(beta_schedule(schedule, T, beta_start, beta_end)).items():
+        coefficients = self.schedule(beta_schedule(schedule, T, beta_start, beta_end))
+        coefficients["t_probabilities"] = self.timestep_probabilities(
+            coefficients["half_log_snr"], log_sigma_mean, log_sigma_std)
+        for name, value in coefficients.items():
             self.register_buffer(name, value.float(), persistent=False)
 
     @staticmethod
@@ -156,6 +168,20 @@ class DDPM(nn.Module):
             "snr": alphas_cumprod / (1.0 - alphas_cumprod),
         }
 
+    @staticmethod
+    def timestep_probabilities(half_log_snr: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+        """``(T,)`` probabilities of each ``t`` when ``log sigma ~ N(mean, std^2)`` (EDM's p_train, Karras et
+        al. 2022, Table 1; their defaults -1.2 and 1.2), ``sigma = sqrt((1 - a_bar) / a_bar)``.
+
+        Step ``t`` gets the normal's mass between the midpoints of its ``log sigma`` and its neighbours';
+        the tails go to the first and last step. From float64 ``half_log_snr (T,)`` (``log sigma = -it``).
+        """
+        log_sigma = -half_log_snr
+        edges = torch.cat((log_sigma.new_tensor([-math.inf]), (log_sigma[1:] + log_sigma[:-1]) / 2,
+                           log_sigma.new_tensor([math.inf])))
+        cdf = torch.special.ndtr((edges - mean) / std)
+        return cdf[1:] - cdf[:-1]
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Diffuse clean images to step ``t`` (eq. 4): ``x_t = sqrt(a_bar) x0 + sqrt(1 - a_bar) eps``."""
         return (
@@ -168,11 +194,15 @@ class DDPM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The random part of Algorithm 1 for ``batch`` images of ``shape (C, H, W)``.
 
-        Returns ``t (B,)`` uniform in ``[0, T-1]``, ``noise (B, C, H, W)`` and ``drop (B,)``, true where the
-        label is replaced by the "no label" token (probability ``p_uncond``).
+        Returns ``t (B,)`` in ``[0, T-1]`` (uniform, or as ``t_sampling`` says), ``noise (B, C, H, W)`` and
+        ``drop (B,)``, true where the label is replaced by the "no label" token (probability ``p_uncond``).
         """
         source = _draw_device(device, generator)
-        t = torch.randint(0, self.T, (batch,), generator=generator, device=source).to(device)
+        if self.t_sampling == "uniform":
+            t = torch.randint(0, self.T, (batch,), generator=generator, device=source).to(device)
+        else:
+            t = torch.multinomial(self.t_probabilities.to(source), batch, replacement=True,
+                                  generator=generator).to(device)
         noise = _randn((batch, *shape), device, generator)
         drop = torch.rand(batch, generator=generator, device=source).to(device) < self.p_uncond
         return t, noise, drop

@@ -53,6 +53,10 @@ RECIPES: dict[str, list[str]] = {
     "D-b32-cosine-lr": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32", "--lr-schedule", "cosine",
                         "--warmup", "100"],
     "D-b32-lr-2e-3": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32", "--lr", "2e-3"],
+    # Fewer of the training steps at almost pure noise (uniform t spends 42% of them at sigma > 5.4).
+    "D-b32-beta-end-0.02": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32", "--beta-end", "0.02"],
+    "D-b32-log-normal": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32", "--t-sampling",
+                         "log-normal"],
 }
 ROW = re.compile(r"^\| (?P<name>[^|]+) \| (?P<guidance>[^|]+) \| (?P<n>\d+) \| (?P<acc>[\d.]+)% \| (?P<fid>[\d.]+) \| "
                  r"(?P<precision>[\d.]+) \| (?P<recall>[\d.]+) \|")

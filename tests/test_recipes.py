@@ -51,6 +51,31 @@ def test_min_snr_weights_at_a_few_timesteps():
         torch.testing.assert_close(ddpm.loss_weights(t), torch.tensor(weights), rtol=1e-5, atol=1e-8)
 
 
+def test_log_normal_timesteps_have_edms_noise_levels():
+    # on the CPU preset's schedule log sigma runs from -4.3 to 5.1, so the normal's mean and spread show through
+    ddpm = build_ddpm(PRESETS["cpu"].override(t_sampling="log-normal"))
+    p, log_sigma = ddpm.t_probabilities.double(), -ddpm.half_log_snr.double()
+    assert p.min() > 0 and p.sum().item() == pytest.approx(1.0, abs=1e-6)
+    mean = (p * log_sigma).sum().item()
+    std = (p * (log_sigma - mean) ** 2).sum().sqrt().item()
+    assert mean == pytest.approx(-1.2, abs=0.05) and std == pytest.approx(1.2, abs=0.05)
+    assert p[log_sigma > math.log(5.42)].sum().item() < 0.01  # uniform t puts 42% of the steps there
+    shifted = build_ddpm(PRESETS["cpu"].override(t_sampling="log-normal", log_sigma_mean=0.0))
+    assert (shifted.t_probabilities * -shifted.half_log_snr).sum().item() == pytest.approx(0.0, abs=0.05)
+
+
+def test_training_draws_timesteps_as_the_setting_says():
+    def draws(ddpm, n):
+        return ddpm.draw_training_noise(n, (1, 2, 2), torch.device("cpu"), torch.Generator().manual_seed(0))[0]
+
+    uniform = tiny()
+    assert torch.equal(draws(uniform, 64), torch.randint(0, 50, (64,), generator=torch.Generator().manual_seed(0)))
+    log_normal = tiny(t_sampling="log-normal")
+    counts = torch.bincount(draws(log_normal, 100_000), minlength=50) / 100_000
+    torch.testing.assert_close(counts, log_normal.t_probabilities, rtol=0, atol=0.005)
+    assert counts[:10].sum() > 0.2 and counts[40:].sum() < 0.01
+
+
 def test_v_target_and_every_conversion_to_noise_is_exact():
     torch.manual_seed(1)
     x0, eps, t = torch.randn(4, 1, 28, 28), torch.randn(4, 1, 28, 28), torch.tensor([0, 10, 30, 49])
@@ -102,6 +127,13 @@ def test_new_settings_are_checked_and_stored():
     ddpm = build_ddpm(config)
     assert ddpm.prediction == "v" and ddpm.eps_model.cond_encoder and ddpm.loss_weight == "min-snr"
     assert ddpm.alphas_cumprod[-1] < 1e-5  # the cosine schedule ignores the preset's betas
+    with pytest.raises(UsageError, match="--t-sampling must be one of uniform, log-normal"):
+        Config().override(t_sampling="edm").validate()
+    with pytest.raises(UsageError, match="--log-sigma-std must be a positive number"):
+        Config().override(log_sigma_std=0.0).validate()
+    config = config.override(t_sampling="log-normal", log_sigma_mean=-0.5, log_sigma_std=1.5)
+    assert Config.from_dict(config.to_dict()) == config
+    assert build_ddpm(config).t_sampling == "log-normal"
 
 
 def test_encoder_conditioning_is_an_addition():
