@@ -25,7 +25,7 @@ from typing import Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cli import ArgumentParser, positive_int, run_cli  # noqa: E402
+from cli import ArgumentParser, non_negative_float, positive_int, run_cli  # noqa: E402
 from config import UsageError  # noqa: E402
 
 # name -> flags on top of --preset cpu. One change at a time, then combinations.
@@ -57,6 +57,10 @@ RECIPES: dict[str, list[str]] = {
     "D-b32-beta-end-0.02": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32", "--beta-end", "0.02"],
     "D-b32-log-normal": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32", "--t-sampling",
                          "log-normal"],
+    "D-b32-log-normal-wide": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32", "--t-sampling",
+                              "log-normal", "--log-sigma-mean", "-0.4", "--log-sigma-std", "1.8"],
+    "D-b32-log-normal-wider": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32", "--t-sampling",
+                               "log-normal", "--log-sigma-mean", "0", "--log-sigma-std", "2"],
 }
 ROW = re.compile(r"^\| (?P<name>[^|]+) \| (?P<guidance>[^|]+) \| (?P<n>\d+) \| (?P<acc>[\d.]+)% \| (?P<fid>[\d.]+) \| "
                  r"(?P<precision>[\d.]+) \| (?P<recall>[\d.]+) \|")
@@ -79,16 +83,17 @@ def train(recipe: str, epochs: int, args) -> str:
 
 
 def score(recipe: str, epochs: int, seed: int, args) -> list[str]:
-    """evaluate.py's table row and floor row for one trained recipe and seed."""
+    """evaluate.py's table rows (one per guidance scale) and then its floor row, for one trained recipe and seed."""
     out = os.path.join(args.out_dir, run_name(recipe, epochs))
     command = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--checkpoint", train(recipe, epochs, args),
                "--data-root", args.data_root, "--n", str(args.n), "--seed", str(seed), "--batch-size", "1000",
-               "--classifier-cache", args.classifier_cache]
+               "--classifier-cache", args.classifier_cache, "--guidance", *map(str, args.guidance)]
     text = log(out, f"evaluate_seed{seed}", command)
     rows = [m for m in map(ROW.match, text.splitlines()) if m]
-    if len(rows) != 2:
+    if len(rows) != len(args.guidance) + 1:
         raise UsageError(f"evaluate.py printed no score table for {run_name(recipe, epochs)}; see its log in {out}")
-    return [table_row(recipe, epochs, seed, rows[0]), table_row("real digits (floor)", epochs, seed, rows[1])]
+    return [table_row(recipe, epochs, seed, m) for m in rows[:-1]] + [
+        table_row("real digits (floor)", epochs, seed, rows[-1])]
 
 
 def log(out: str, what: str, command: list[str]) -> str:
@@ -104,7 +109,7 @@ def log(out: str, what: str, command: list[str]) -> str:
 
 def table_row(recipe: str, epochs: int, seed: int, m: re.Match) -> str:
     flags = " ".join(RECIPES.get(recipe, [])) or "-"
-    return (f"| {recipe} | `{flags}` | {epochs} | {seed} | {m['acc']}% | {m['fid']} | {m['precision']} | "
+    return (f"| {recipe} | `{flags}` | {epochs} | {seed} | {m['guidance'].strip()} | {m['acc']}% | {m['fid']} | {m['precision']} | "
             f"{m['recall']} |")
 
 
@@ -115,6 +120,8 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--only", nargs="+", choices=list(RECIPES), help="these recipes (default: all)")
     p.add_argument("--epochs", type=positive_int, nargs="+", default=[8], help="budgets in epochs (default 8)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds (default 0 1)")
+    p.add_argument("--guidance", type=non_negative_float, nargs="+", default=[2.0],
+                   help="guidance scales to score each run at (default 2, evaluate.py's)")
     p.add_argument("--n", type=positive_int, default=100, help="digits per class per score (default 100)")
     p.add_argument("--jobs", type=positive_int, default=1, help="runs at once (default 1)")
     p.add_argument("--list", action="store_true", help="print the recipes and stop")
@@ -132,9 +139,9 @@ def _main(argv: Sequence[str] | None) -> int:
         log(args.out_dir, "classifier", [sys.executable, os.path.join(ROOT, "classifier.py"), "--data-root",
                                          args.data_root, "--cache", args.classifier_cache])
         scored = list(pool.map(lambda job: score(*job, args), [(*run, s) for run in runs for s in args.seeds]))
-    lines = ["| recipe | flags on `--preset cpu` | epochs | seed | accuracy | FID | precision | recall |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [rows[0] for rows in scored] + sorted({rows[1] for rows in scored})
+    lines = ["| recipe | flags on `--preset cpu` | epochs | seed | guidance | accuracy | FID | precision | recall |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [row for rows in scored for row in rows[:-1]] + sorted({rows[-1] for rows in scored})
     with open(os.path.join(args.out_dir, "recipes.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,6 +1,7 @@
 """The training-recipe settings: beta schedules, prediction targets, loss weights, learning rates, the
 encoder-conditioned network, and guidance limited to an interval of noise levels."""
 
+import argparse
 import math
 
 import pytest
@@ -160,3 +161,23 @@ def test_guidance_interval():
     torch.testing.assert_close(draw(guidance_interval=(0.0, math.inf)), draw(guidance_interval=None))
     nowhere = ddpm.sample(torch.arange(4), guidance=1.0, generator=torch.Generator().manual_seed(0), steps=10)
     torch.testing.assert_close(draw(guidance_interval=(1e6, 2e6)), nowhere)
+
+
+def test_recipe_driver_keeps_a_row_per_guidance_scale(monkeypatch):
+    from benchmarks import recipes
+
+    printed = ("| sampler | guidance | n | accuracy | FID | precision | recall | diversity |\n|---|---|\n"
+               "| dpm++ 20 steps | 1.5 | 1000 | 98.9% | 0.142 | 0.814 | 0.630 | 0.83 |\n"
+               "| dpm++ 20 steps | 2.0 | 1000 | 99.9% | 0.238 | 0.870 | 0.465 | 0.77 |\n"
+               "| real training digits | - | 1000 | 99.8% | 0.032 | 0.884 | 0.895 | 1.00 |\n")
+    commands = []
+    monkeypatch.setattr(recipes, "train", lambda *a: "c.pt")
+    monkeypatch.setattr(recipes, "log", lambda out, what, command: commands.append(command) or printed)
+    args = argparse.Namespace(out_dir="runs", data_root="d", n=100, classifier_cache="k", guidance=[1.5, 2.0])
+    rows = recipes.score("D-b32", 8, 0, args)
+    assert commands[0][-3:] == ["--guidance", "1.5", "2.0"]
+    assert rows[0].startswith("| D-b32 | `--prediction v --cond-encoder 1 --batch-size 32` | 8 | 0 | 1.5 | 98.9% | 0.142")
+    assert rows[1].split(" | ")[4:6] == ["2.0", "99.9%"] and rows[2].startswith("| real digits (floor) |")
+    args.guidance = [2.0]
+    with pytest.raises(UsageError, match="printed no score table"):
+        recipes.score("D-b32", 8, 0, args)
