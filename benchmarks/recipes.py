@@ -61,6 +61,15 @@ RECIPES: dict[str, list[str]] = {
                               "log-normal", "--log-sigma-mean", "-0.4", "--log-sigma-std", "1.8"],
     "D-b32-log-normal-wider": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32", "--t-sampling",
                                "log-normal", "--log-sigma-mean", "0", "--log-sigma-std", "2"],
+    # Noise prediction again, where its weak spot (the almost pure noise of beta-end 0.04) is smaller.
+    "enc-b32-beta-end-0.02": ["--cond-encoder", "1", "--batch-size", "32", "--beta-end", "0.02"],
+    "D-b32-p-uncond-0.2": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32", "--p-uncond", "0.2"],
+    "D-b32-beta-end-0.02-log-normal-wide": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32",
+                                            "--beta-end", "0.02", "--t-sampling", "log-normal", "--log-sigma-mean",
+                                            "-0.4", "--log-sigma-std", "1.8"],
+    # Smaller batches with a longer EMA to average out their noisier steps.
+    "D-b32-ema-0.999": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32", "--ema-decay", "0.999"],
+    "D-b16-ema-0.999": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "16", "--ema-decay", "0.999"],
 }
 ROW = re.compile(r"^\| (?P<name>[^|]+) \| (?P<guidance>[^|]+) \| (?P<n>\d+) \| (?P<acc>[\d.]+)% \| (?P<fid>[\d.]+) \| "
                  r"(?P<precision>[\d.]+) \| (?P<recall>[\d.]+) \|")
