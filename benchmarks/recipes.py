@@ -28,6 +28,11 @@ sys.path.insert(0, ROOT)
 from cli import ArgumentParser, non_negative_float, positive_int, run_cli  # noqa: E402
 from config import UsageError  # noqa: E402
 
+# Flags shared by the recipes built on D: `v` prediction and encoder conditioning (at batch 32: D-b32).
+D = ["--prediction", "v", "--cond-encoder", "1"]
+D_B32 = [*D, "--batch-size", "32"]
+LOG_NORMAL_WIDE = ["--t-sampling", "log-normal", "--log-sigma-mean", "-0.4", "--log-sigma-std", "1.8"]
+
 # name -> flags on top of --preset cpu. One change at a time, then combinations.
 RECIPES: dict[str, list[str]] = {
     "base": [],
@@ -47,29 +52,23 @@ RECIPES: dict[str, list[str]] = {
     "C": ["--loss-weight", "min-snr", "--lr-schedule", "cosine", "--warmup", "100", "--cond-encoder", "1",
           "--prediction", "v", "--schedule", "cosine"],
     # The two changes that help alone, then the same images in smaller batches (more steps).
-    "D": ["--prediction", "v", "--cond-encoder", "1"],
-    "D-b32": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32"],
-    "D-b16": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "16"],
-    "D-b32-cosine-lr": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32", "--lr-schedule", "cosine",
-                        "--warmup", "100"],
-    "D-b32-lr-2e-3": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32", "--lr", "2e-3"],
+    "D": [*D],
+    "D-b32": [*D_B32],
+    "D-b16": [*D, "--batch-size", "16"],
+    "D-b32-cosine-lr": [*D_B32, "--lr-schedule", "cosine", "--warmup", "100"],
+    "D-b32-lr-2e-3": [*D_B32, "--lr", "2e-3"],
     # Fewer of the training steps at almost pure noise (uniform t spends 42% of them at sigma > 5.4).
-    "D-b32-beta-end-0.02": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32", "--beta-end", "0.02"],
-    "D-b32-log-normal": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32", "--t-sampling",
-                         "log-normal"],
-    "D-b32-log-normal-wide": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32", "--t-sampling",
-                              "log-normal", "--log-sigma-mean", "-0.4", "--log-sigma-std", "1.8"],
-    "D-b32-log-normal-wider": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32", "--t-sampling",
-                               "log-normal", "--log-sigma-mean", "0", "--log-sigma-std", "2"],
+    "D-b32-beta-end-0.02": [*D_B32, "--beta-end", "0.02"],
+    "D-b32-log-normal": [*D_B32, "--t-sampling", "log-normal"],
+    "D-b32-log-normal-wide": [*D_B32, *LOG_NORMAL_WIDE],
+    "D-b32-log-normal-wider": [*D_B32, "--t-sampling", "log-normal", "--log-sigma-mean", "0", "--log-sigma-std", "2"],
     # Noise prediction again, where its weak spot (the almost pure noise of beta-end 0.04) is smaller.
     "enc-b32-beta-end-0.02": ["--cond-encoder", "1", "--batch-size", "32", "--beta-end", "0.02"],
-    "D-b32-p-uncond-0.2": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32", "--p-uncond", "0.2"],
-    "D-b32-beta-end-0.02-log-normal-wide": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32",
-                                            "--beta-end", "0.02", "--t-sampling", "log-normal", "--log-sigma-mean",
-                                            "-0.4", "--log-sigma-std", "1.8"],
+    "D-b32-p-uncond-0.2": [*D_B32, "--p-uncond", "0.2"],
+    "D-b32-beta-end-0.02-log-normal-wide": [*D_B32, "--beta-end", "0.02", *LOG_NORMAL_WIDE],
     # Smaller batches with a longer EMA to average out their noisier steps.
-    "D-b32-ema-0.999": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "32", "--ema-decay", "0.999"],
-    "D-b16-ema-0.999": ["--prediction", "v", "--cond-encoder", "1", "--batch-size", "16", "--ema-decay", "0.999"],
+    "D-b32-ema-0.999": [*D_B32, "--ema-decay", "0.999"],
+    "D-b16-ema-0.999": [*D, "--batch-size", "16", "--ema-decay", "0.999"],
 }
 ROW = re.compile(r"^\| (?P<name>[^|]+) \| (?P<guidance>[^|]+) \| (?P<n>\d+) \| (?P<acc>[\d.]+)% \| (?P<fid>[\d.]+) \| "
                  r"(?P<precision>[\d.]+) \| (?P<recall>[\d.]+) \|")
