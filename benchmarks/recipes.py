@@ -117,8 +117,8 @@ def log(out: str, what: str, command: list[str]) -> str:
 
 def table_row(recipe: str, epochs: int, seed: int, m: re.Match) -> str:
     flags = " ".join(RECIPES.get(recipe, [])) or "-"
-    return (f"| {recipe} | `{flags}` | {epochs} | {seed} | {m['guidance'].strip()} | {m['acc']}% | {m['fid']} | {m['precision']} | "
-            f"{m['recall']} |")
+    return (f"| {recipe} | `{flags}` | {epochs} | {seed} | {m['guidance'].strip()} | {m['acc']}% | {m['fid']} | "
+            f"{m['precision']} | {m['recall']} |")
 
 
 def _main(argv: Sequence[str] | None) -> int:
