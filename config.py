@@ -92,9 +92,11 @@ class TrainConfig:
     lr_schedule: str = setting("epoch-linear", "lr_schedule", "epoch-linear: lr * (1 - epoch / epochs) per epoch; "
                                "cosine: linear warm-up over --warmup steps, then cosine to 0, per step")
     warmup: int = setting(0, "non_negative_int", "warm-up steps of the cosine learning-rate schedule")
-    loss_weight: str = setting("uniform", "loss_weight", "uniform (Ho et al.) or min-snr: each timestep's loss "
-                               "weighted as Min-SNR-gamma (Hang et al. 2023)")
+    loss_weight: str = setting("uniform", "loss_weight", "uniform (Ho et al.), min-snr: each timestep's loss "
+                               "weighted as Min-SNR-gamma (Hang et al. 2023), or truncated-snr: as max(SNR, "
+                               "floor) (Salimans & Ho 2022)")
     snr_gamma: float = setting(5.0, "positive_float", "gamma of --loss-weight min-snr")
+    snr_floor: float = setting(1.0, "positive_float", "floor of --loss-weight truncated-snr")
     t_sampling: str = setting("uniform", "t_sampling", "how training draws timesteps: uniform (Ho et al.) or "
                               "log-normal: log sigma ~ N(mean, std^2), the noise levels of EDM (Karras et al. 2022)")
     log_sigma_mean: float = setting(-1.2, "float", "mean of log sigma under --t-sampling log-normal")

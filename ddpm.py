@@ -60,7 +60,7 @@ def cosine_beta_schedule(T: int, s: float = 0.008) -> torch.Tensor:
 
 BETA_SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v", "x0")
-LOSS_WEIGHTS = ("uniform", "min-snr")
+LOSS_WEIGHTS = ("uniform", "min-snr", "truncated-snr")
 T_SAMPLINGS = ("uniform", "log-normal")
 
 
@@ -104,8 +104,9 @@ class DDPM(nn.Module):
         p_uncond: probability of dropping a label during training.
         schedule: ``"linear"`` (Ho et al.) or ``"cosine"`` (Nichol & Dhariwal 2021; ignores the betas).
         prediction: ``"eps"`` (the noise, Ho et al.), ``"v"`` (Salimans & Ho 2022) or ``"x0"``.
-        loss_weight: ``"uniform"`` (plain MSE on the target) or ``"min-snr"`` (Hang et al. 2023, with
-            ``snr_gamma``).
+        loss_weight: ``"uniform"`` (plain MSE on the target), ``"min-snr"`` (Hang et al. 2023, with
+            ``snr_gamma``) or ``"truncated-snr"`` (Salimans & Ho 2022, with ``snr_floor``); see
+            :meth:`loss_weights`.
         t_sampling: how training draws ``t``: ``"uniform"`` (Algorithm 1) or ``"log-normal"``, the noise
             levels of EDM (Karras et al. 2022): ``log sigma ~ N(log_sigma_mean, log_sigma_std^2)``, see
             :meth:`timestep_probabilities`.
@@ -125,6 +126,7 @@ class DDPM(nn.Module):
         t_sampling: str = "uniform",
         log_sigma_mean: float = -1.2,
         log_sigma_std: float = 1.2,
+        snr_floor: float = 1.0,
     ) -> None:
         super().__init__()
         if T < 1:
@@ -138,7 +140,7 @@ class DDPM(nn.Module):
                 raise ValueError(f"{name} must be one of {', '.join(known)}, got {value!r}")
         self.eps_model, self.T, self.p_uncond = eps_model, T, p_uncond
         self.prediction, self.loss_weight, self.snr_gamma = prediction, loss_weight, snr_gamma
-        self.t_sampling = t_sampling
+        self.t_sampling, self.snr_floor = t_sampling, snr_floor
         self.image_shape = (eps_model.in_channels, eps_model.image_size, eps_model.image_size)
         coefficients = self.schedule(beta_schedule(schedule, T, beta_start, beta_end))
         coefficients["t_probabilities"] = self.timestep_probabilities(
@@ -218,7 +220,7 @@ class DDPM(nn.Module):
 
         ``x0 (B, C, H, W)`` in ``[-1, 1]``, ``labels (B,)`` -> scalar MSE between the network's output and its
         :meth:`target` (the noise, as in the paper, unless ``prediction`` says otherwise), per timestep
-        weighted by :meth:`loss_weights` under ``loss_weight="min-snr"``.
+        weighted by :meth:`loss_weights` unless ``loss_weight="uniform"``.
         ``draws`` (from :meth:`draw_training_noise`) are drawn here from ``generator`` when not given.
         """
         if draws is None:
@@ -243,11 +245,18 @@ class DDPM(nn.Module):
                 - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
-        """Min-SNR-gamma (Hang et al. 2023): ``min(SNR, gamma)`` in units of the x0 loss, i.e. divided by
-        ``SNR`` for an eps target and by ``SNR + 1`` for a v target. ``(B,)``."""
+        """Per-timestep weights ``(B,)`` of the loss on the network's target.
+
+        In units of the x0 loss (``|x0 - x0_hat|^2``) the noise loss weighs ``SNR`` and the v loss ``SNR + 1``.
+        Min-SNR-gamma (Hang et al. 2023) weighs ``min(SNR, gamma)``, truncated SNR (Salimans & Ho 2022, there
+        with a floor of 1) ``max(SNR, floor)``: the noise loss with the nearly pure-noise steps kept in. Both
+        are divided by the target's own weight (``SNR`` for eps, ``SNR + 1`` for v)."""
         snr = self.snr[t]
-        clipped = snr.clamp(max=self.snr_gamma)
-        return {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[self.prediction]
+        if self.loss_weight == "min-snr":
+            weight = snr.clamp(max=self.snr_gamma)
+        else:
+            weight = snr.clamp(min=self.snr_floor)
+        return {"eps": weight / snr, "v": weight / (snr + 1), "x0": weight}[self.prediction]
 
     def network_eps(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The network's output at ``x_t (B, C, H, W)`` as a noise estimate, whatever it predicts.

@@ -69,6 +69,10 @@ RECIPES: dict[str, list[str]] = {
     # Smaller batches with a longer EMA to average out their noisier steps.
     "D-b32-ema-0.999": [*D_B32, "--ema-decay", "0.999"],
     "D-b16-ema-0.999": [*D, "--batch-size", "16", "--ema-decay", "0.999"],
+    # Batch 64 (the preset's, the fastest per image) with the larger steps that batch 32's noise scale implies.
+    "D-lr-2e-3": [*D, "--lr", "2e-3"],
+    # Does encoder conditioning cost the v models their recall?
+    "v-b32": ["--prediction", "v", "--batch-size", "32"],
 }
 ROW = re.compile(r"^\| (?P<name>[^|]+) \| (?P<guidance>[^|]+) \| (?P<n>\d+) \| (?P<acc>[\d.]+)% \| (?P<fid>[\d.]+) \| "
                  r"(?P<precision>[\d.]+) \| (?P<recall>[\d.]+) \|")

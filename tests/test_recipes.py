@@ -52,6 +52,18 @@ def test_min_snr_weights_at_a_few_timesteps():
         torch.testing.assert_close(ddpm.loss_weights(t), torch.tensor(weights), rtol=1e-5, atol=1e-8)
 
 
+def test_truncated_snr_weights_at_a_few_timesteps():
+    # the same SNRs as above; max(SNR, 0.1) keeps the noise loss but lifts the nearly pure-noise steps
+    ddpm = DDPM(ContextUnet(1, 8, 10), T=500, loss_weight="truncated-snr", snr_floor=0.1)
+    t = torch.tensor([0, 50, 100, 499])
+    pinned = {"eps": [1.0, 1.0, 1.0, 0.1 / 0.00639332],  # max(SNR, 0.1) / SNR
+              "v": [9999 / 10000, 0.945552, 0.809140, 0.1 / 1.00639332],  # max(SNR, 0.1) / (SNR + 1)
+              "x0": [9999.0, 17.36603, 4.239448, 0.1]}  # max(SNR, 0.1)
+    for prediction, weights in pinned.items():
+        ddpm.prediction = prediction
+        torch.testing.assert_close(ddpm.loss_weights(t), torch.tensor(weights), rtol=1e-4, atol=1e-8)
+
+
 def test_log_normal_timesteps_have_edms_noise_levels():
     # on the CPU preset's schedule log sigma runs from -4.3 to 5.1, so the normal's mean and spread show through
     ddpm = build_ddpm(PRESETS["cpu"].override(t_sampling="log-normal"))
@@ -100,7 +112,8 @@ def test_every_sampler_runs_with_every_prediction(prediction, sampler):
     assert x.shape == (3, 1, 28, 28) and torch.isfinite(x).all()
 
 
-@pytest.mark.parametrize("prediction,weight", [("eps", "uniform"), ("v", "min-snr"), ("x0", "min-snr")])
+@pytest.mark.parametrize("prediction,weight", [("eps", "uniform"), ("v", "min-snr"), ("x0", "min-snr"),
+                                               ("v", "truncated-snr")])
 def test_loss_trains_every_objective(prediction, weight):
     ddpm = tiny(prediction, loss_weight=weight).train()
     loss = ddpm.loss(torch.rand(8, 1, 28, 28) * 2 - 1, torch.arange(8), generator=torch.Generator().manual_seed(0))
