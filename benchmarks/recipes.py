@@ -73,6 +73,14 @@ RECIPES: dict[str, list[str]] = {
     "D-lr-2e-3": [*D, "--lr", "2e-3"],
     # Does encoder conditioning cost the v models their recall?
     "v-b32": ["--prediction", "v", "--batch-size", "32"],
+    # Less weight on the almost pure noise, by the loss instead of by the draws; and a spread between the two
+    # log-normals above, with the shorter schedule.
+    "D-b32-truncated-snr-0.1": [*D_B32, "--loss-weight", "truncated-snr", "--snr-floor", "0.1"],
+    "D-b32-beta-end-0.02-log-normal-wider": [*D_B32, "--beta-end", "0.02", "--t-sampling", "log-normal",
+                                             "--log-sigma-mean", "0", "--log-sigma-std", "2"],
+    # Is it the width? 1.5 times the channels, about twice the work per image (so not a candidate for the preset).
+    "D-n48": [*D, "--n-feat", "48"],
+    "D-b32-n48": [*D_B32, "--n-feat", "48"],
 }
 ROW = re.compile(r"^\| (?P<name>[^|]+) \| (?P<guidance>[^|]+) \| (?P<n>\d+) \| (?P<acc>[\d.]+)% \| (?P<fid>[\d.]+) \| "
                  r"(?P<precision>[\d.]+) \| (?P<recall>[\d.]+) \|")
