@@ -81,6 +81,7 @@ RECIPES: dict[str, list[str]] = {
     # Is it the width? 1.5 times the channels, about twice the work per image (so not a candidate for the preset).
     "D-n48": [*D, "--n-feat", "48"],
     "D-b32-n48": [*D_B32, "--n-feat", "48"],
+    "D-b32-n48-beta-end-0.02-log-normal-wide": [*D_B32, "--n-feat", "48", "--beta-end", "0.02", *LOG_NORMAL_WIDE],
 }
 ROW = re.compile(r"^\| (?P<name>[^|]+) \| (?P<guidance>[^|]+) \| (?P<n>\d+) \| (?P<acc>[\d.]+)% \| (?P<fid>[\d.]+) \| "
                  r"(?P<precision>[\d.]+) \| (?P<recall>[\d.]+) \|")
