@@ -32,6 +32,7 @@ from config import UsageError  # noqa: E402
 D = ["--prediction", "v", "--cond-encoder", "1"]
 D_B32 = [*D, "--batch-size", "32"]
 LOG_NORMAL_WIDE = ["--t-sampling", "log-normal", "--log-sigma-mean", "-0.4", "--log-sigma-std", "1.8"]
+LOG_NORMAL_WIDER = ["--t-sampling", "log-normal", "--log-sigma-mean", "0", "--log-sigma-std", "2"]
 
 # name -> flags on top of --preset cpu. One change at a time, then combinations.
 RECIPES: dict[str, list[str]] = {
@@ -52,8 +53,8 @@ RECIPES: dict[str, list[str]] = {
     "C": ["--loss-weight", "min-snr", "--lr-schedule", "cosine", "--warmup", "100", "--cond-encoder", "1",
           "--prediction", "v", "--schedule", "cosine"],
     # The two changes that help alone, then the same images in smaller batches (more steps).
-    "D": [*D],
-    "D-b32": [*D_B32],
+    "D": D,
+    "D-b32": D_B32,
     "D-b16": [*D, "--batch-size", "16"],
     "D-b32-cosine-lr": [*D_B32, "--lr-schedule", "cosine", "--warmup", "100"],
     "D-b32-lr-2e-3": [*D_B32, "--lr", "2e-3"],
@@ -61,7 +62,7 @@ RECIPES: dict[str, list[str]] = {
     "D-b32-beta-end-0.02": [*D_B32, "--beta-end", "0.02"],
     "D-b32-log-normal": [*D_B32, "--t-sampling", "log-normal"],
     "D-b32-log-normal-wide": [*D_B32, *LOG_NORMAL_WIDE],
-    "D-b32-log-normal-wider": [*D_B32, "--t-sampling", "log-normal", "--log-sigma-mean", "0", "--log-sigma-std", "2"],
+    "D-b32-log-normal-wider": [*D_B32, *LOG_NORMAL_WIDER],
     # Noise prediction again, where its weak spot (the almost pure noise of beta-end 0.04) is smaller.
     "enc-b32-beta-end-0.02": ["--cond-encoder", "1", "--batch-size", "32", "--beta-end", "0.02"],
     "D-b32-p-uncond-0.2": [*D_B32, "--p-uncond", "0.2"],
@@ -76,8 +77,7 @@ RECIPES: dict[str, list[str]] = {
     # Less weight on the almost pure noise, by the loss instead of by the draws; and a spread between the two
     # log-normals above, with the shorter schedule.
     "D-b32-truncated-snr-0.1": [*D_B32, "--loss-weight", "truncated-snr", "--snr-floor", "0.1"],
-    "D-b32-beta-end-0.02-log-normal-wider": [*D_B32, "--beta-end", "0.02", "--t-sampling", "log-normal",
-                                             "--log-sigma-mean", "0", "--log-sigma-std", "2"],
+    "D-b32-beta-end-0.02-log-normal-wider": [*D_B32, "--beta-end", "0.02", *LOG_NORMAL_WIDER],
     # Is it the width? 1.5 times the channels, about twice the work per image (so not a candidate for the preset).
     "D-n48": [*D, "--n-feat", "48"],
     "D-b32-n48": [*D_B32, "--n-feat", "48"],
