@@ -194,3 +194,17 @@ def test_recipe_driver_keeps_a_row_per_guidance_scale(monkeypatch):
     args.guidance = [2.0]
     with pytest.raises(UsageError, match="printed no score table"):
         recipes.score("D-b32", 8, 0, args)
+
+
+def test_every_recipe_is_a_valid_training_config():
+    """A typo in a recipe's flags would otherwise surface only after the recipes before it had trained."""
+    import train
+    from benchmarks import recipes
+
+    for name, flags in recipes.RECIPES.items():
+        args = train.parse_args(["--preset", "cpu", "--no-amp", *flags])
+        config = train.resolve_config(args)
+        assert config.preset == "cpu", name
+    flags = recipes.RECIPES["D-b32-n40-beta-end-0.02-log-normal-wide"]
+    n40 = train.resolve_config(train.parse_args(["--preset", "cpu", *flags]))
+    assert (n40.model.n_feat, n40.training.batch_size, n40.diffusion.beta_end) == (40, 32, 0.02)
