@@ -86,7 +86,7 @@ RECIPES: dict[str, list[str]] = {
     # width-48 combination at width 40, about 1.5 times the preset's work per image.
     "D-b32-n48-beta-end-0.02": [*D_B32, "--n-feat", "48", "--beta-end", "0.02"],
     "D-b32-n40-beta-end-0.02-log-normal-wide": [*D_B32, "--n-feat", "40", "--beta-end", "0.02", *LOG_NORMAL_WIDE],
-    # The width-32 combination at batch 64, the only batch at which 40% of the images fit in 5 minutes of fp32.
+    # The width-32 combination at batch 64, the only batch at which 40% of the images come near 5 minutes of fp32.
     "D-beta-end-0.02-log-normal-wide": [*D, "--beta-end", "0.02", *LOG_NORMAL_WIDE],
 }
 ROW = re.compile(r"^\| (?P<name>[^|]+) \| (?P<guidance>[^|]+) \| (?P<n>\d+) \| (?P<acc>[\d.]+)% \| (?P<fid>[\d.]+) \| "
