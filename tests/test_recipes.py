@@ -201,10 +201,9 @@ def test_every_recipe_is_a_valid_training_config():
     import train
     from benchmarks import recipes
 
-    for name, flags in recipes.RECIPES.items():
-        args = train.parse_args(["--preset", "cpu", "--no-amp", *flags])
-        config = train.resolve_config(args)
+    configs = {name: train.resolve_config(train.parse_args(["--preset", "cpu", "--no-amp", *flags]))
+               for name, flags in recipes.RECIPES.items()}
+    for name, config in configs.items():
         assert config.preset == "cpu", name
-    flags = recipes.RECIPES["D-b32-n40-beta-end-0.02-log-normal-wide"]
-    n40 = train.resolve_config(train.parse_args(["--preset", "cpu", *flags]))
+    n40 = configs["D-b32-n40-beta-end-0.02-log-normal-wide"]
     assert (n40.model.n_feat, n40.training.batch_size, n40.diffusion.beta_end) == (40, 32, 0.02)
