@@ -92,13 +92,16 @@ class TrainConfig:
     lr_schedule: str = setting("epoch-linear", "lr_schedule", "epoch-linear: lr * (1 - epoch / epochs) per epoch; "
                                "cosine: linear warm-up over --warmup steps, then cosine to 0, per step")
     warmup: int = setting(0, "non_negative_int", "warm-up steps of the cosine learning-rate schedule")
+    adam_beta2: float = setting(0.999, "positive_float", "Adam's beta2, the decay of its squared-gradient average "
+                                "(0.99 forgets early gradients 10 times sooner)")
     loss_weight: str = setting("uniform", "loss_weight", "uniform (Ho et al.), min-snr: each timestep's loss "
                                "weighted as Min-SNR-gamma (Hang et al. 2023), or truncated-snr: as max(SNR, "
                                "floor) (Salimans & Ho 2022)")
     snr_gamma: float = setting(5.0, "positive_float", "gamma of --loss-weight min-snr")
     snr_floor: float = setting(1.0, "positive_float", "floor of --loss-weight truncated-snr")
-    t_sampling: str = setting("uniform", "t_sampling", "how training draws timesteps: uniform (Ho et al.) or "
-                              "log-normal: log sigma ~ N(mean, std^2), the noise levels of EDM (Karras et al. 2022)")
+    t_sampling: str = setting("uniform", "t_sampling", "how training draws timesteps: uniform (Ho et al.), "
+                              "log-normal: log sigma ~ N(mean, std^2), the noise levels of EDM (Karras et al. 2022), "
+                              "or stratified: uniform, one draw in each 1/batch of the steps (Kingma et al. 2021)")
     log_sigma_mean: float = setting(-1.2, "float", "mean of log sigma under --t-sampling log-normal")
     log_sigma_std: float = setting(1.2, "positive_float", "standard deviation of log sigma under --t-sampling "
                                    "log-normal")
@@ -160,6 +163,7 @@ class Config:
              f"need --beta-start <= --beta-end < 1, got {d.beta_start} and {d.beta_end}"),
             (t.p_uncond < 1, f"--p-uncond must be below 1, got {t.p_uncond}"),
             (t.ema_decay < 1, f"--ema-decay must be below 1, got {t.ema_decay}"),
+            (t.adam_beta2 < 1, f"--adam-beta2 must be below 1, got {t.adam_beta2}"),
             (t.grid_steps <= d.T, f"--grid-steps must be at most T={d.T}, got {t.grid_steps}"),
         ]
         for ok, message in checks:

@@ -61,7 +61,7 @@ def cosine_beta_schedule(T: int, s: float = 0.008) -> torch.Tensor:
 BETA_SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v", "x0")
 LOSS_WEIGHTS = ("uniform", "min-snr", "truncated-snr")
-T_SAMPLINGS = ("uniform", "log-normal")
+T_SAMPLINGS = ("uniform", "log-normal", "stratified")
 
 
 def beta_schedule(kind: str, T: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -107,9 +107,10 @@ class DDPM(nn.Module):
         loss_weight: ``"uniform"`` (plain MSE on the target), ``"min-snr"`` (Hang et al. 2023, with
             ``snr_gamma``) or ``"truncated-snr"`` (Salimans & Ho 2022, with ``snr_floor``); see
             :meth:`loss_weights`.
-        t_sampling: how training draws ``t``: ``"uniform"`` (Algorithm 1) or ``"log-normal"``, the noise
+        t_sampling: how training draws ``t``: ``"uniform"`` (Algorithm 1), ``"log-normal"``, the noise
             levels of EDM (Karras et al. 2022): ``log sigma ~ N(log_sigma_mean, log_sigma_std^2)``, see
-            :meth:`timestep_probabilities`.
+            :meth:`timestep_probabilities`, or ``"stratified"``: uniform, but one draw in each ``1/B`` of
+            ``[0, T)`` per batch (the low-discrepancy sampler of Kingma et al. 2021), see :meth:`stratified_t`.
     """
 
     def __init__(
@@ -184,6 +185,13 @@ class DDPM(nn.Module):
         cdf = torch.special.ndtr((edges - mean) / std)
         return cdf[1:] - cdf[:-1]
 
+    def stratified_t(self, offset: torch.Tensor, batch: int) -> torch.Tensor:
+        """``(B,)`` timesteps ``floor(T * ((offset + i / B) mod 1))``, ``i = 0..B-1``, from one uniform ``offset
+        (1,)``: each is uniform on ``[0, T-1]``, but together they cover ``[0, T)`` evenly, which lowers the
+        variance of the batch's loss (the low-discrepancy sampler of Kingma et al. 2021)."""
+        u = (offset + torch.arange(batch, device=offset.device) / batch) % 1.0
+        return (u * self.T).long().clamp_(max=self.T - 1)
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Diffuse clean images to step ``t`` (eq. 4): ``x_t = sqrt(a_bar) x0 + sqrt(1 - a_bar) eps``."""
         return (
@@ -202,6 +210,8 @@ class DDPM(nn.Module):
         source = _draw_device(device, generator)
         if self.t_sampling == "uniform":
             t = torch.randint(0, self.T, (batch,), generator=generator, device=source).to(device)
+        elif self.t_sampling == "stratified":
+            t = self.stratified_t(torch.rand(1, generator=generator, device=source), batch).to(device)
         else:
             t = torch.multinomial(self.t_probabilities.to(source), batch, replacement=True,
                                   generator=generator).to(device)

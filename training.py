@@ -124,8 +124,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def make_optimizer(model: nn.Module, lr: float, speed: Speed) -> torch.optim.Optimizer:
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=speed.fused_optimizer or None)
+def make_optimizer(model: nn.Module, lr: float, speed: Speed, beta2: float = 0.999) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, beta2), fused=speed.fused_optimizer or None)
 
 
 def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor,
@@ -295,7 +295,7 @@ def build_state(config: Config, device: torch.device, speed: Speed, shard: Shard
     ddpm = build_ddpm(config).to(device)
     ema = copy.deepcopy(ddpm.eps_model).requires_grad_(False)
     prepare_model(ddpm.eps_model, speed)
-    optimizer = make_optimizer(ddpm.eps_model, config.training.lr, speed)
+    optimizer = make_optimizer(ddpm.eps_model, config.training.lr, speed, config.training.adam_beta2)
     history: dict[str, Any] = {"losses": [], "epoch": 0, "step": 0, "train_seconds": 0.0}
     if ckpt is not None:
         ddpm.eps_model.load_state_dict(ckpt["model"])

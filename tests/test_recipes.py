@@ -10,7 +10,9 @@ import torch
 from checkpoint import build_ddpm
 from config import PRESETS, Config, UsageError
 from ddpm import DDPM, SAMPLERS, cosine_beta_schedule
-from training import learning_rate
+from distributed import SINGLE
+from speed import PLAIN
+from training import build_state, learning_rate
 from unet import ContextUnet
 
 
@@ -87,6 +89,18 @@ def test_training_draws_timesteps_as_the_setting_says():
     counts = torch.bincount(draws(log_normal, 100_000), minlength=50) / 100_000
     torch.testing.assert_close(counts, log_normal.t_probabilities, rtol=0, atol=0.005)
     assert counts[:10].sum() > 0.2 and counts[40:].sum() < 0.01
+    stratified, generator = tiny(t_sampling="stratified"), torch.Generator().manual_seed(0)
+    t = torch.stack([stratified.draw_training_noise(5, (1, 2, 2), torch.device("cpu"), generator)[0]
+                     for _ in range(2000)])
+    assert torch.equal(t.sort(dim=1).values // 10, torch.arange(5).expand(2000, 5))  # one draw per fifth of [0, 50)
+    counts = torch.bincount(t.flatten(), minlength=50) / t.numel()
+    torch.testing.assert_close(counts, torch.full((50,), 0.02), rtol=0, atol=0.006)  # each step equally likely
+
+
+def test_stratified_timesteps_pinned():
+    ddpm = tiny(t_sampling="stratified")  # T = 50
+    assert ddpm.stratified_t(torch.tensor([0.5]), 4).tolist() == [25, 37, 0, 12]  # 50 * (0.5, 0.75, 0, 0.25)
+    assert ddpm.stratified_t(torch.tensor([0.999999]), 2).tolist() == [49, 24]
 
 
 def test_v_target_and_every_conversion_to_noise_is_exact():
@@ -141,13 +155,24 @@ def test_new_settings_are_checked_and_stored():
     ddpm = build_ddpm(config)
     assert ddpm.prediction == "v" and ddpm.eps_model.cond_encoder and ddpm.loss_weight == "min-snr"
     assert ddpm.alphas_cumprod[-1] < 1e-5  # the cosine schedule ignores the preset's betas
-    with pytest.raises(UsageError, match="--t-sampling must be one of uniform, log-normal"):
+    with pytest.raises(UsageError, match="--t-sampling must be one of uniform, log-normal, stratified"):
         Config().override(t_sampling="edm").validate()
     with pytest.raises(UsageError, match="--log-sigma-std must be a positive number"):
         Config().override(log_sigma_std=0.0).validate()
     config = config.override(t_sampling="log-normal", log_sigma_mean=-0.5, log_sigma_std=1.5)
     assert Config.from_dict(config.to_dict()) == config
     assert build_ddpm(config).t_sampling == "log-normal"
+
+
+def test_adams_beta2_is_a_setting_that_reaches_the_optimizer():
+    config = PRESETS["cpu"].override(n_feat=8, adam_beta2=0.99)
+    assert Config.from_dict(config.to_dict()) == config
+    state, _ = build_state(config, torch.device("cpu"), PLAIN, SINGLE, None)
+    assert state.optimizer.param_groups[0]["betas"] == (0.9, 0.99)
+    state, _ = build_state(PRESETS["cpu"].override(n_feat=8), torch.device("cpu"), PLAIN, SINGLE, None)
+    assert state.optimizer.param_groups[0]["betas"] == (0.9, 0.999)  # Adam's default, as before the setting
+    with pytest.raises(UsageError, match="--adam-beta2 must be below 1"):
+        Config().override(adam_beta2=1.0).validate()
 
 
 def test_encoder_conditioning_is_an_addition():
