@@ -92,6 +92,8 @@ RECIPES: dict[str, list[str]] = {
     # an Adam that adapts to the gradients' scale ten times sooner.
     "D-stratified": [*D, "--t-sampling", "stratified"],
     "D-adam-beta2-0.99": [*D, "--adam-beta2", "0.99"],
+    # Twice the step size lost at batch 64 (D-lr-2e-3); the other direction.
+    "D-lr-5e-4": [*D, "--lr", "5e-4"],
 }
 ROW = re.compile(r"^\| (?P<name>[^|]+) \| (?P<guidance>[^|]+) \| (?P<n>\d+) \| (?P<acc>[\d.]+)% \| (?P<fid>[\d.]+) \| "
                  r"(?P<precision>[\d.]+) \| (?P<recall>[\d.]+) \|")
