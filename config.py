@@ -67,6 +67,8 @@ class ModelConfig:
     n_classes: int = setting(10, "positive_int", "number of classes (from the data set)", flag=False)
     cond_encoder: int = setting(0, "switch", "1: time and label also modulate the encoder blocks, not only the "
                                 "decoder (unet.ContextUnet)")
+    ada_norm: int = setting(0, "switch", "1: time and label also scale and shift the second group norm of every "
+                            "residual block (AdaGN, Dhariwal & Nichol 2021)")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ A small UNet in the shape of the ancestor's ``ContextUnet``: two down blocks
 (28 -> 14 -> 7 for MNIST's 28x28), the 7x7 bottleneck pooled to one vector, and two
 up blocks with skip connections. Any square size divisible by 4 works. The timestep and the class label ("context")
 modulate the decoder feature maps as ``h = context_embedding * h + time_embedding``; with ``cond_encoder``
-they modulate the two encoder blocks' inputs the same way (two more small MLPs, the same convolutions).
+they modulate the two encoder blocks' inputs the same way (two more small MLPs, the same convolutions); with
+``ada_norm`` they also scale and shift the second group norm of every residual block (AdaGN, Dhariwal & Nichol
+2021; one more small MLP, the same convolutions).
 
 Conventions (the same everywhere in the project):
 
@@ -38,9 +40,15 @@ class ResidualConvBlock(nn.Module):
         self.conv2 = nn.Sequential(nn.Conv2d(out_ch, out_ch, 3, 1, 1), nn.GroupNorm(8, out_ch), nn.GELU())
         self.same_channels = in_ch == out_ch
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale_shift: torch.Tensor | None = None) -> torch.Tensor:
+        """``scale_shift (B, 2 * out_ch)``, if given, modulates the second norm: ``(1 + scale) * norm(h) + shift``."""
         h1 = self.conv1(x)
-        h2 = self.conv2(h1)
+        if scale_shift is None:
+            h2 = self.conv2(h1)
+        else:
+            conv, norm, act = self.conv2
+            scale, shift = scale_shift[:, :, None, None].chunk(2, dim=1)
+            h2 = act((1 + scale) * norm(conv(h1)) + shift)
         # Skip from the input when shapes allow, else from the first conv; the
         # 1/sqrt(2) keeps the variance of the sum near that of its parts.
         skip = x if self.same_channels else h1
@@ -54,8 +62,8 @@ class Down(nn.Module):
         super().__init__()
         self.block = nn.Sequential(ResidualConvBlock(in_ch, out_ch), nn.MaxPool2d(2))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+    def forward(self, x: torch.Tensor, scale_shift: torch.Tensor | None = None) -> torch.Tensor:
+        return self.block[1](self.block[0](x, scale_shift))
 
 
 class Up(nn.Module):
@@ -69,8 +77,10 @@ class Up(nn.Module):
             ResidualConvBlock(out_ch, out_ch),
         )
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.block(torch.cat((x, skip), dim=1))
+    def forward(self, x: torch.Tensor, skip: torch.Tensor,
+                scale_shifts: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) -> torch.Tensor:
+        upsample, res1, res2 = self.block
+        return res2(res1(upsample(torch.cat((x, skip), dim=1)), scale_shifts[0]), scale_shifts[1])
 
 
 class EmbedMLP(nn.Module):
@@ -102,10 +112,11 @@ class ContextUnet(nn.Module):
             multiple of 8 (GroupNorm uses 8 groups).
         n_classes: number of real classes; label ``n_classes`` means "no label".
         cond_encoder: also condition the encoder (the ancestor conditions the decoder only).
+        ada_norm: also scale and shift the second norm of every residual block by ``(context, time)``.
     """
 
     def __init__(self, in_channels: int = 1, n_feat: int = 128, n_classes: int = 10, image_size: int = 28,
-                 cond_encoder: bool = False) -> None:
+                 cond_encoder: bool = False, ada_norm: bool = False) -> None:
         super().__init__()
         if n_feat <= 0 or n_feat % 8:
             raise ValueError(f"n_feat must be a positive multiple of 8, got {n_feat}")
@@ -128,6 +139,15 @@ class ContextUnet(nn.Module):
         self.cond_encoder = bool(cond_encoder)
         if self.cond_encoder:  # one (scale, shift) pair per encoder block, both n_feat wide
             self.encoder_embed = nn.ModuleList(EmbedMLP(2 * n_feat, 2 * n_feat) for _ in range(2))
+        self.ada_norm = bool(ada_norm)
+        # widths of the residual blocks in forward order: init, down1, down2, up1 (two), up2 (two)
+        self.block_widths = (n_feat, n_feat, 2 * n_feat, n_feat, n_feat, n_feat, n_feat)
+        if self.ada_norm:
+            self.norm_embed = nn.Sequential(nn.Linear(2 * n_feat, 2 * n_feat), nn.GELU(),
+                                            nn.Linear(2 * n_feat, 2 * sum(self.block_widths)))
+            # zero: a fresh network computes exactly what it would without ada_norm
+            nn.init.zeros_(self.norm_embed[-1].weight)
+            nn.init.zeros_(self.norm_embed[-1].bias)
 
         self.up0 = nn.Sequential(
             nn.ConvTranspose2d(2 * n_feat, 2 * n_feat, bottom, bottom), nn.GroupNorm(8, 2 * n_feat), nn.ReLU()
@@ -158,15 +178,24 @@ class ContextUnet(nn.Module):
         :meth:`embed_labels` -> ``(B, C, H, W)``."""
         context = self.embed_labels(labels)
         t_emb = timestep_embedding(t, self.n_feat)
-        h0 = self.init_conv(x)
-        d1 = self.down1(self.modulate(0, h0, context, t_emb))
-        d2 = self.down2(self.modulate(1, d1, context, t_emb))
+        ss = self.norm_scale_shifts(context, t_emb)
+        h0 = self.init_conv(x, ss[0])
+        d1 = self.down1(self.modulate(0, h0, context, t_emb), ss[1])
+        d2 = self.down2(self.modulate(1, d1, context, t_emb), ss[2])
         vec = self.to_vec(d2)
 
         h = self.up0(vec)
-        h = self.up1(self.context_embed1(context) * h + self.time_embed1(t_emb), d2)
-        h = self.up2(self.context_embed2(context) * h + self.time_embed2(t_emb), d1)
+        h = self.up1(self.context_embed1(context) * h + self.time_embed1(t_emb), d2, ss[3:5])
+        h = self.up2(self.context_embed2(context) * h + self.time_embed2(t_emb), d1, ss[5:7])
         return self.out(torch.cat((h, h0), dim=1))
+
+    def norm_scale_shifts(self, context: torch.Tensor, t_emb: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """One ``(B, 2 * width)`` scale-and-shift per residual block (``block_widths``), or ``None`` for each
+        without ``ada_norm``."""
+        if not self.ada_norm:
+            return (None,) * len(self.block_widths)
+        out = self.norm_embed(torch.cat((context, t_emb), dim=1))
+        return out.split([2 * w for w in self.block_widths], dim=1)
 
     def modulate(self, block: int, h: torch.Tensor, context: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         """The input of encoder block ``block``: ``h (B, n_feat, H, W)`` scaled and shifted by an MLP of

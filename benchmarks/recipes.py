@@ -94,6 +94,8 @@ RECIPES: dict[str, list[str]] = {
     "D-adam-beta2-0.99": [*D, "--adam-beta2", "0.99"],
     # Twice the step size lost at batch 64 (D-lr-2e-3); the other direction.
     "D-lr-5e-4": [*D, "--lr", "5e-4"],
+    # Time and label in every residual block's norm, as modern diffusion UNets do (AdaGN): the same convolutions.
+    "D-ada-norm": [*D, "--ada-norm", "1"],
 }
 ROW = re.compile(r"^\| (?P<name>[^|]+) \| (?P<guidance>[^|]+) \| (?P<n>\d+) \| (?P<acc>[\d.]+)% \| (?P<fid>[\d.]+) \| "
                  r"(?P<precision>[\d.]+) \| (?P<recall>[\d.]+) \|")

@@ -186,6 +186,35 @@ def test_encoder_conditioning_is_an_addition():
     assert not torch.allclose(a, b)
 
 
+def test_ada_norm_is_an_addition_that_starts_as_the_network_without_it():
+    torch.manual_seed(0)
+    plain = ContextUnet(1, 16, 10, cond_encoder=True)
+    torch.manual_seed(0)
+    ada = ContextUnet(1, 16, 10, cond_encoder=True, ada_norm=True)
+    extra = set(ada.state_dict()) - set(plain.state_dict())
+    assert extra and all(k.startswith("norm_embed.") for k in extra)
+    assert set(plain.state_dict()) <= set(ada.state_dict())
+    x, t, labels = torch.randn(2, 1, 28, 28), torch.tensor([3, 7]), torch.tensor([1, 10])
+    ada.load_state_dict(plain.state_dict(), strict=False)
+    torch.testing.assert_close(ada(x, t, labels), plain(x, t, labels), rtol=0, atol=0)  # zero-initialised
+    # each of the seven blocks gets its own scale and shift: moving any one changes the output
+    with torch.no_grad():
+        ada.norm_embed[-1].bias.copy_(torch.randn(ada.norm_embed[-1].bias.shape))
+    before = ada(x, t, labels)
+    offset = 0
+    for width in ada.block_widths:
+        with torch.no_grad():
+            ada.norm_embed[-1].bias[offset:offset + 2 * width] += 0.5
+        after = ada(x, t, labels)
+        assert not torch.allclose(after, before), offset
+        before, offset = after, offset + 2 * width
+    assert offset == ada.norm_embed[-1].out_features
+    config = PRESETS["cpu"].override(n_feat=16, cond_encoder=1, ada_norm=1)
+    assert Config.from_dict(config.to_dict()) == config and build_ddpm(config).eps_model.ada_norm
+    with pytest.raises(UsageError, match="--ada-norm must be 0 or 1"):
+        Config().override(ada_norm=2).validate()
+
+
 def test_guidance_interval():
     ddpm = tiny()
     sigma = ((1 - ddpm.alphas_cumprod) / ddpm.alphas_cumprod).sqrt()
