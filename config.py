@@ -96,6 +96,8 @@ class TrainConfig:
     warmup: int = setting(0, "non_negative_int", "warm-up steps of the cosine learning-rate schedule")
     adam_beta2: float = setting(0.999, "positive_float", "Adam's beta2, the decay of its squared-gradient average "
                                 "(0.99 forgets early gradients 10 times sooner)")
+    grad_clip: float = setting(0.0, "non_negative_float", "scale each gradient down to this global norm where it "
+                               "is longer (0 = never)")
     loss_weight: str = setting("uniform", "loss_weight", "uniform (Ho et al.), min-snr: each timestep's loss "
                                "weighted as Min-SNR-gamma (Hang et al. 2023), or truncated-snr: as max(SNR, "
                                "floor) (Salimans & Ho 2022)")

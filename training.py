@@ -130,18 +130,21 @@ def make_optimizer(model: nn.Module, lr: float, speed: Speed, beta2: float = 0.9
 
 def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor,
                draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ema_decay: float,
-               batch: int | None = None) -> torch.Tensor:
+               batch: int | None = None, grad_clip: float = 0.0) -> torch.Tensor:
     """Algorithm 1 on one batch: the loss ``|eps - eps_model(x_t, t, y)|^2``, a gradient step, the EMA update.
 
     ``images`` are ``uint8 (B, H, W)``; ``draws`` are the batch's ``t``, ``eps`` and dropped labels
     (``DDPM.draw_training_noise``). Returns the loss without reading it back (that would wait for the
     device). With several processes, ``images`` are this rank's slice of a global batch of ``batch``.
+    ``grad_clip > 0`` scales the gradient down to that global norm where it is longer.
     """
     x0 = to_model_range(images, state.speed.channels_last)
     with autocast(x0.device, state.speed):
         loss = state.replicas.module(x0, labels, draws=draws)  # DDPM.loss
     state.optimizer.zero_grad(set_to_none=True)
     state.replicas.backward(loss, len(images), batch or len(images))
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(state.ddpm.eps_model.parameters(), grad_clip)
     state.optimizer.step()
     update_ema(state.ema, state.ddpm.eps_model, ema_decay)
     return state.replicas.share(loss, len(images), batch or len(images))
@@ -170,7 +173,8 @@ def train_epoch(state: TrainState, images: torch.Tensor, labels: torch.Tensor, c
             draws = state.ddpm.draw_training_noise(batch, state.ddpm.image_shape, device, noise_gen)
             draws = tuple(state.replicas.part(d) for d in draws)
             set_lr(state.optimizer, learning_rate(run, epoch * n + i, n))
-            pending.append(train_step(state, x, y, draws, ema_decay_at(step + i, run.ema_decay), batch))
+            pending.append(train_step(state, x, y, draws, ema_decay_at(step + i, run.ema_decay), batch,
+                                      run.grad_clip))
             if len(pending) == state.speed.log_every or i == n - 1 or (stop.signum and shard.world == 1):
                 values, stopping = read_back(pending, stop, shard)
                 check_losses(values, epoch, i + 1 - len(values), n, run.lr)

@@ -96,6 +96,9 @@ RECIPES: dict[str, list[str]] = {
     "D-lr-5e-4": [*D, "--lr", "5e-4"],
     # Time and label in every residual block's norm, as modern diffusion UNets do (AdaGN): the same convolutions.
     "D-ada-norm": [*D, "--ada-norm", "1"],
+    # Gradients clipped to norm 1, at the preset's step size and at twice it (which lost unclipped).
+    "D-clip-1": [*D, "--grad-clip", "1"],
+    "D-lr-2e-3-clip-1": [*D, "--lr", "2e-3", "--grad-clip", "1"],
 }
 ROW = re.compile(r"^\| (?P<name>[^|]+) \| (?P<guidance>[^|]+) \| (?P<n>\d+) \| (?P<acc>[\d.]+)% \| (?P<fid>[\d.]+) \| "
                  r"(?P<precision>[\d.]+) \| (?P<recall>[\d.]+) \|")

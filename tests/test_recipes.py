@@ -12,7 +12,7 @@ from config import PRESETS, Config, UsageError
 from ddpm import DDPM, SAMPLERS, cosine_beta_schedule
 from distributed import SINGLE
 from speed import PLAIN
-from training import build_state, learning_rate
+from training import build_state, learning_rate, train_step
 from unet import ContextUnet
 
 
@@ -173,6 +173,26 @@ def test_adams_beta2_is_a_setting_that_reaches_the_optimizer():
     assert state.optimizer.param_groups[0]["betas"] == (0.9, 0.999)  # Adam's default, as before the setting
     with pytest.raises(UsageError, match="--adam-beta2 must be below 1"):
         Config().override(adam_beta2=1.0).validate()
+
+
+def test_gradient_clipping_bounds_the_gradient_that_adam_sees():
+    def step(grad_clip):
+        state, _ = build_state(PRESETS["cpu"].override(n_feat=8), torch.device("cpu"), PLAIN, SINGLE, None)
+        images, labels = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8), torch.tensor([0, 1, 2, 3])
+        draws = state.ddpm.draw_training_noise(4, state.ddpm.image_shape, torch.device("cpu"),
+                                               torch.Generator().manual_seed(0))
+        train_step(state, images, labels, draws, 0.5, grad_clip=grad_clip)
+        grads = [p.grad for p in state.ddpm.eps_model.parameters()]
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+
+    free = step(0.0)
+    assert free > 0.1  # a fresh network's gradient is long (about 5 for the CPU preset's)
+    assert step(0.05) == pytest.approx(0.05, rel=1e-4)
+    assert step(1e6) == pytest.approx(free, rel=1e-5)  # a bound above the norm changes nothing
+    config = PRESETS["cpu"].override(grad_clip=1.0)
+    assert Config.from_dict(config.to_dict()) == config
+    with pytest.raises(UsageError, match="--grad-clip must be a number >= 0"):
+        Config().override(grad_clip=-1.0).validate()
 
 
 def test_encoder_conditioning_is_an_addition():
