@@ -178,10 +178,11 @@ class ContextUnet(nn.Module):
         :meth:`embed_labels` -> ``(B, C, H, W)``."""
         context = self.embed_labels(labels)
         t_emb = timestep_embedding(t, self.n_feat)
-        ss = self.norm_scale_shifts(context, t_emb)
+        cond = torch.cat((context, t_emb), dim=1)  # what the optional encoder and norm modulations read
+        ss = self.norm_scale_shifts(cond)
         h0 = self.init_conv(x, ss[0])
-        d1 = self.down1(self.modulate(0, h0, context, t_emb), ss[1])
-        d2 = self.down2(self.modulate(1, d1, context, t_emb), ss[2])
+        d1 = self.down1(self.modulate(0, h0, cond), ss[1])
+        d2 = self.down2(self.modulate(1, d1, cond), ss[2])
         vec = self.to_vec(d2)
 
         h = self.up0(vec)
@@ -189,18 +190,18 @@ class ContextUnet(nn.Module):
         h = self.up2(self.context_embed2(context) * h + self.time_embed2(t_emb), d1, ss[5:7])
         return self.out(torch.cat((h, h0), dim=1))
 
-    def norm_scale_shifts(self, context: torch.Tensor, t_emb: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """One ``(B, 2 * width)`` scale-and-shift per residual block (``block_widths``), or ``None`` for each
-        without ``ada_norm``."""
+    def norm_scale_shifts(self, cond: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """From ``cond = (context, t_emb) (B, 2 * n_feat)``, one ``(B, 2 * width)`` scale-and-shift per residual
+        block (``block_widths``), or ``None`` for each without ``ada_norm``."""
         if not self.ada_norm:
             return (None,) * len(self.block_widths)
-        out = self.norm_embed(torch.cat((context, t_emb), dim=1))
+        out = self.norm_embed(cond)
         return out.split([2 * w for w in self.block_widths], dim=1)
 
-    def modulate(self, block: int, h: torch.Tensor, context: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+    def modulate(self, block: int, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The input of encoder block ``block``: ``h (B, n_feat, H, W)`` scaled and shifted by an MLP of
-        ``(context, t_emb)`` when ``cond_encoder`` (``1 + scale``, so a fresh MLP starts near identity)."""
+        ``cond = (context, t_emb)`` when ``cond_encoder`` (``1 + scale``, so a fresh MLP starts near identity)."""
         if not self.cond_encoder:
             return h
-        scale, shift = self.encoder_embed[block](torch.cat((context, t_emb), dim=1)).chunk(2, dim=1)
+        scale, shift = self.encoder_embed[block](cond).chunk(2, dim=1)
         return (1 + scale) * h + shift
