@@ -69,6 +69,8 @@ class ModelConfig:
                                 "decoder (unet.ContextUnet)")
     ada_norm: int = setting(0, "switch", "1: time and label also scale and shift the second group norm of every "
                             "residual block (AdaGN, Dhariwal & Nichol 2021)")
+    mid_blocks: int = setting(0, "non_negative_int", "residual blocks at the 7x7 bottleneck (2 * n_feat channels), "
+                              "each conditioned on time and label like the encoder's")
 
 
 @dataclass(frozen=True)

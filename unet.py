@@ -6,7 +6,8 @@ up blocks with skip connections. Any square size divisible by 4 works. The times
 modulate the decoder feature maps as ``h = context_embedding * h + time_embedding``; with ``cond_encoder``
 they modulate the two encoder blocks' inputs the same way (two more small MLPs, the same convolutions); with
 ``ada_norm`` they also scale and shift the second group norm of every residual block (AdaGN, Dhariwal & Nichol
-2021; one more small MLP, the same convolutions).
+2021; one more small MLP, the same convolutions); ``mid_blocks`` adds residual blocks at the 7x7 bottleneck, each
+input modulated the same way.
 
 Conventions (the same everywhere in the project):
 
@@ -113,10 +114,11 @@ class ContextUnet(nn.Module):
         n_classes: number of real classes; label ``n_classes`` means "no label".
         cond_encoder: also condition the encoder (the ancestor conditions the decoder only).
         ada_norm: also scale and shift the second norm of every residual block by ``(context, time)``.
+        mid_blocks: residual blocks at the bottleneck (``2 * n_feat`` channels), before it is pooled.
     """
 
     def __init__(self, in_channels: int = 1, n_feat: int = 128, n_classes: int = 10, image_size: int = 28,
-                 cond_encoder: bool = False, ada_norm: bool = False) -> None:
+                 cond_encoder: bool = False, ada_norm: bool = False, mid_blocks: int = 0) -> None:
         super().__init__()
         if n_feat <= 0 or n_feat % 8:
             raise ValueError(f"n_feat must be a positive multiple of 8, got {n_feat}")
@@ -130,6 +132,10 @@ class ContextUnet(nn.Module):
         self.down1 = Down(n_feat, n_feat)
         self.down2 = Down(n_feat, 2 * n_feat)
         self.to_vec = nn.Sequential(nn.AvgPool2d(bottom), nn.GELU())
+        # residual blocks at the bottleneck (2 * n_feat channels, bottom x bottom), each input scaled and shifted
+        # by an MLP of (context, time) like the encoder's
+        self.mid = nn.ModuleList(ResidualConvBlock(2 * n_feat, 2 * n_feat) for _ in range(mid_blocks))
+        self.mid_embed = nn.ModuleList(EmbedMLP(2 * n_feat, 4 * n_feat) for _ in range(mid_blocks))
 
         self.label_embedding = nn.Embedding(n_classes + 1, n_feat)
         self.time_embed1 = EmbedMLP(n_feat, 2 * n_feat)
@@ -182,13 +188,20 @@ class ContextUnet(nn.Module):
         ss = self.norm_scale_shifts(cond)
         h0 = self.init_conv(x, ss[0])
         d1 = self.down1(self.modulate(0, h0, cond), ss[1])
-        d2 = self.down2(self.modulate(1, d1, cond), ss[2])
+        d2 = self.middle(self.down2(self.modulate(1, d1, cond), ss[2]), cond)
         vec = self.to_vec(d2)
 
         h = self.up0(vec)
         h = self.up1(self.context_embed1(context) * h + self.time_embed1(t_emb), d2, ss[3:5])
         h = self.up2(self.context_embed2(context) * h + self.time_embed2(t_emb), d1, ss[5:7])
         return self.out(torch.cat((h, h0), dim=1))
+
+    def middle(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The bottleneck blocks: ``h (B, 2 * n_feat, H/4, W/4)`` -> the same shape (``h`` itself without them)."""
+        for block, embed in zip(self.mid, self.mid_embed):
+            scale, shift = embed(cond).chunk(2, dim=1)
+            h = block((1 + scale) * h + shift)
+        return h
 
     def norm_scale_shifts(self, cond: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """From ``cond = (context, t_emb) (B, 2 * n_feat)``, one ``(B, 2 * width)`` scale-and-shift per residual

@@ -99,6 +99,9 @@ RECIPES: dict[str, list[str]] = {
     # Gradients clipped to norm 1, at the preset's step size and at twice it (which lost unclipped).
     "D-clip-1": [*D, "--grad-clip", "1"],
     "D-lr-2e-3-clip-1": [*D, "--lr", "2e-3", "--grad-clip", "1"],
+    # Conditioned residual blocks at the 7x7 bottleneck, which the seed's network skips (pooled straight to a vector).
+    "D-mid-2": [*D, "--mid-blocks", "2"],
+    "D-mid-4": [*D, "--mid-blocks", "4"],
 }
 ROW = re.compile(r"^\| (?P<name>[^|]+) \| (?P<guidance>[^|]+) \| (?P<n>\d+) \| (?P<acc>[\d.]+)% \| (?P<fid>[\d.]+) \| "
                  r"(?P<precision>[\d.]+) \| (?P<recall>[\d.]+) \|")

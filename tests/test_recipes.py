@@ -232,6 +232,26 @@ def test_ada_norm_is_an_addition_that_starts_as_the_network_without_it():
         Config().override(ada_norm=2).validate()
 
 
+def test_mid_blocks_add_conditioned_blocks_at_the_bottleneck():
+    plain, mid = ContextUnet(1, 16, 10, cond_encoder=True), ContextUnet(1, 16, 10, cond_encoder=True, mid_blocks=2)
+    assert set(ContextUnet(1, 16, 10, cond_encoder=True, mid_blocks=0).state_dict()) == set(plain.state_dict())
+    extra = set(mid.state_dict()) - set(plain.state_dict())
+    assert {k.split(".")[0] + "." + k.split(".")[1] for k in extra} == {"mid.0", "mid.1", "mid_embed.0", "mid_embed.1"}
+    h, t_emb = torch.randn(2, 32, 7, 7), torch.randn(2, 16)
+    cond = torch.cat((mid.embed_labels(torch.tensor([1, 2])), t_emb), dim=1)
+    assert mid.middle(h, cond).shape == h.shape and torch.equal(plain.middle(h, cond), h)
+    # each block reads the label and the time
+    other_label = torch.cat((mid.embed_labels(torch.tensor([1, 3])), t_emb), dim=1)
+    assert not torch.allclose(mid.middle(h, cond)[1], mid.middle(h, other_label)[1])
+    torch.testing.assert_close(mid.middle(h, cond)[0], mid.middle(h, other_label)[0])
+    other_time = torch.cat((cond[:, :16], torch.randn(2, 16)), dim=1)
+    assert not torch.allclose(mid.middle(h, cond), mid.middle(h, other_time))
+    config = PRESETS["cpu"].override(n_feat=16, mid_blocks=3)
+    assert Config.from_dict(config.to_dict()) == config and len(build_ddpm(config).eps_model.mid) == 3
+    with pytest.raises(UsageError, match="--mid-blocks must be an integer >= 0"):
+        Config().override(mid_blocks=-1).validate()
+
+
 def test_guidance_interval():
     ddpm = tiny()
     sigma = ((1 - ddpm.alphas_cumprod) / ddpm.alphas_cumprod).sqrt()
