@@ -6,7 +6,7 @@
 
 Both paths run the very code ``train.py`` runs (``training.train_step`` over ``data.batches``) on random
 uint8 digits, and sample with the default sampler (``--sampler`` to change it): the plain path is fp32, a
-DataLoader, eager, the loss read back every step; the fast path is ``speed.default_speed(device)``. FLOPs are counted once with ``torch.utils.flop_counter`` (a training step
+DataLoader, eager, the loss read back every step; the fast path is ``speed.default_speed(device)`` (in fp32 with ``--no-amp``). FLOPs are counted once with ``torch.utils.flop_counter`` (a training step
 is counted as forward + backward of the network).
 """
 
@@ -108,6 +108,11 @@ def time_sampling(config: Config, speed: Speed, device: torch.device, n: int, ho
     return n / (time.perf_counter() - started)
 
 
+def fast_path(device: torch.device, args: Any) -> Speed:
+    """The device's fast path, in fp32 with ``--no-amp`` (what runs on CPUs without bf16 units)."""
+    return replace(default_speed(device), amp=False) if args.no_amp else default_speed(device)
+
+
 def run(args: Any) -> list[dict[str, Any]]:
     device = pick_device(args.device)
     config = args.config
@@ -119,7 +124,7 @@ def run(args: Any) -> list[dict[str, Any]]:
           + f"T={args.T} n_feat={args.n_feat} batch {args.batch_size}")
     print(f"network: {forward / 1e9:.2f} GFLOP per image forward, {step / 1e9:.2f} GFLOP per image per training step")
     rows = []
-    for name, speed in (("plain", PLAIN), ("fast", default_speed(device))):
+    for name, speed in (("plain", PLAIN), ("fast", fast_path(device, args))):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         images_per_s = time_training(config, speed, device, args.train_steps, args.warmup)
@@ -137,7 +142,7 @@ def ablate(args: Any) -> None:
     """Training speed of the fast path with one part of it turned off at a time."""
     device = pick_device(args.device)
     config = args.config
-    fast = default_speed(device)
+    fast = fast_path(device, args)
     variants = [("fast path", fast)] + [
         (f"without {name}", replace(fast, **{name: value}))
         for name, value in (("amp", False), ("fused_optimizer", False), ("on_device_data", False), ("log_every", 1))
@@ -186,6 +191,7 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--sample-steps", type=positive_int, help="its steps (default: the sampler's own)")
     p.add_argument("--guidance", type=non_negative_float, default=2.0)
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    p.add_argument("--no-amp", action="store_true", help="time the fast path in fp32, as on CPUs without bf16 units")
     p.add_argument("--ablate", action="store_true", help="also time training with each fast-path part off")
     p.add_argument("--compile", action="store_true", help="with --ablate: also time the fast path compiled")
     args = p.parse_args(argv)

@@ -64,6 +64,17 @@ def test_bench_times_a_presets_network(capsys):
     assert "1 threads; preset cpu, T=8 n_feat=8 batch 64" in capsys.readouterr().out
 
 
+def test_bench_no_amp_times_the_fast_path_in_fp32(capsys):
+    from benchmarks import bench
+
+    args = ["--T", "8", "--n-feat", "8", "--batch-size", "4", "--train-steps", "1", "--warmup", "1",
+            "--sample-n", "2", "--sample-steps", "2", "--device", "cpu", "--no-amp", "--ablate"]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert "fast: Speed(amp=False, channels_last=False, fused_optimizer=True" in out
+    assert "| without amp |" not in out and "| fast path + channels_last |" in out
+
+
 def test_tile_data_repeats_the_training_split(tmp_path):
     from benchmarks import tile_data
     from data import load_dataset
