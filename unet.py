@@ -114,7 +114,8 @@ class ContextUnet(nn.Module):
         n_classes: number of real classes; label ``n_classes`` means "no label".
         cond_encoder: also condition the encoder (the ancestor conditions the decoder only).
         ada_norm: also scale and shift the second norm of every residual block by ``(context, time)``.
-        mid_blocks: residual blocks at the bottleneck (``2 * n_feat`` channels), before it is pooled.
+        mid_blocks: residual blocks at the bottleneck (``2 * n_feat`` channels), whose output both the pooled
+            vector and the decoder's skip connection read.
     """
 
     def __init__(self, in_channels: int = 1, n_feat: int = 128, n_classes: int = 10, image_size: int = 28,
@@ -124,6 +125,8 @@ class ContextUnet(nn.Module):
             raise ValueError(f"n_feat must be a positive multiple of 8, got {n_feat}")
         if image_size <= 0 or image_size % 4:
             raise ValueError(f"image_size must be a positive multiple of 4, got {image_size}")
+        if mid_blocks < 0:
+            raise ValueError(f"mid_blocks must be >= 0, got {mid_blocks}")
         self.in_channels, self.n_feat, self.n_classes, self.image_size = in_channels, n_feat, n_classes, image_size
         self.null_label = n_classes
         bottom = image_size // 4  # side of the feature maps after two 2x poolings (7 for 28x28)

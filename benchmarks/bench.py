@@ -6,8 +6,9 @@
 
 Both paths run the very code ``train.py`` runs (``training.train_step`` over ``data.batches``) on random
 uint8 digits, and sample with the default sampler (``--sampler`` to change it): the plain path is fp32, a
-DataLoader, eager, the loss read back every step; the fast path is ``speed.default_speed(device)`` (in fp32 with ``--no-amp``). FLOPs are counted once with ``torch.utils.flop_counter`` (a training step
-is counted as forward + backward of the network).
+DataLoader, eager, the loss read back every step; the fast path is ``speed.default_speed(device)`` (in fp32
+with ``--no-amp``). FLOPs are counted once with ``torch.utils.flop_counter`` (a training step is counted as
+forward + backward of the network).
 """
 
 from __future__ import annotations

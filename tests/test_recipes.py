@@ -250,6 +250,8 @@ def test_mid_blocks_add_conditioned_blocks_at_the_bottleneck():
     assert Config.from_dict(config.to_dict()) == config and len(build_ddpm(config).eps_model.mid) == 3
     with pytest.raises(UsageError, match="--mid-blocks must be an integer >= 0"):
         Config().override(mid_blocks=-1).validate()
+    with pytest.raises(ValueError, match="mid_blocks"):
+        ContextUnet(1, 16, 10, mid_blocks=-1)
 
 
 def test_guidance_interval():
