@@ -29,6 +29,13 @@ import torch
 from torch import nn
 
 
+def modulate(h: torch.Tensor, scale_shift: torch.Tensor) -> torch.Tensor:
+    """``(1 + scale) * h + shift`` for ``h (B, C, H, W)`` and ``scale_shift (B, 2C, 1, 1)``; ``1 +`` so that a
+    fresh, small ``scale_shift`` starts near the identity."""
+    scale, shift = scale_shift.chunk(2, dim=1)
+    return (1 + scale) * h + shift
+
+
 class ResidualConvBlock(nn.Module):
     """Two 3x3 conv + GroupNorm + GELU layers with a residual connection.
 
@@ -48,8 +55,7 @@ class ResidualConvBlock(nn.Module):
             h2 = self.conv2(h1)
         else:
             conv, norm, act = self.conv2
-            scale, shift = scale_shift[:, :, None, None].chunk(2, dim=1)
-            h2 = act((1 + scale) * norm(conv(h1)) + shift)
+            h2 = act(modulate(norm(conv(h1)), scale_shift[:, :, None, None]))
         # Skip from the input when shapes allow, else from the first conv; the
         # 1/sqrt(2) keeps the variance of the sum near that of its parts.
         skip = x if self.same_channels else h1
@@ -130,8 +136,13 @@ class ContextUnet(nn.Module):
         self.in_channels, self.n_feat, self.n_classes, self.image_size = in_channels, n_feat, n_classes, image_size
         self.null_label = n_classes
         bottom = image_size // 4  # side of the feature maps after two 2x poolings (7 for 28x28)
+        self.build_encoder(bottom, mid_blocks)
+        self.build_conditioning(bool(cond_encoder), bool(ada_norm))
+        self.build_decoder(bottom)
 
-        self.init_conv = ResidualConvBlock(in_channels, n_feat)
+    def build_encoder(self, bottom: int, mid_blocks: int) -> None:
+        n_feat = self.n_feat
+        self.init_conv = ResidualConvBlock(self.in_channels, n_feat)
         self.down1 = Down(n_feat, n_feat)
         self.down2 = Down(n_feat, 2 * n_feat)
         self.to_vec = nn.Sequential(nn.AvgPool2d(bottom), nn.GELU())
@@ -140,15 +151,17 @@ class ContextUnet(nn.Module):
         self.mid = nn.ModuleList(ResidualConvBlock(2 * n_feat, 2 * n_feat) for _ in range(mid_blocks))
         self.mid_embed = nn.ModuleList(EmbedMLP(2 * n_feat, 4 * n_feat) for _ in range(mid_blocks))
 
-        self.label_embedding = nn.Embedding(n_classes + 1, n_feat)
+    def build_conditioning(self, cond_encoder: bool, ada_norm: bool) -> None:
+        n_feat = self.n_feat
+        self.label_embedding = nn.Embedding(self.n_classes + 1, n_feat)
         self.time_embed1 = EmbedMLP(n_feat, 2 * n_feat)
         self.time_embed2 = EmbedMLP(n_feat, n_feat)
         self.context_embed1 = EmbedMLP(n_feat, 2 * n_feat)
         self.context_embed2 = EmbedMLP(n_feat, n_feat)
-        self.cond_encoder = bool(cond_encoder)
+        self.cond_encoder = cond_encoder
         if self.cond_encoder:  # one (scale, shift) pair per encoder block, both n_feat wide
             self.encoder_embed = nn.ModuleList(EmbedMLP(2 * n_feat, 2 * n_feat) for _ in range(2))
-        self.ada_norm = bool(ada_norm)
+        self.ada_norm = ada_norm
         # widths of the residual blocks in forward order: init, down1, down2, up1 (two), up2 (two)
         self.block_widths = (n_feat, n_feat, 2 * n_feat, n_feat, n_feat, n_feat, n_feat)
         if self.ada_norm:
@@ -158,6 +171,8 @@ class ContextUnet(nn.Module):
             nn.init.zeros_(self.norm_embed[-1].weight)
             nn.init.zeros_(self.norm_embed[-1].bias)
 
+    def build_decoder(self, bottom: int) -> None:
+        n_feat = self.n_feat
         self.up0 = nn.Sequential(
             nn.ConvTranspose2d(2 * n_feat, 2 * n_feat, bottom, bottom), nn.GroupNorm(8, 2 * n_feat), nn.ReLU()
         )
@@ -167,7 +182,7 @@ class ContextUnet(nn.Module):
             nn.Conv2d(2 * n_feat, n_feat, 3, 1, 1),
             nn.GroupNorm(8, n_feat),
             nn.ReLU(),
-            nn.Conv2d(n_feat, in_channels, 3, 1, 1),
+            nn.Conv2d(n_feat, self.in_channels, 3, 1, 1),
         )
 
     def embed_labels(self, labels: torch.Tensor) -> torch.Tensor:
@@ -190,8 +205,8 @@ class ContextUnet(nn.Module):
         cond = torch.cat((context, t_emb), dim=1)  # what the optional encoder and norm modulations read
         ss = self.norm_scale_shifts(cond)
         h0 = self.init_conv(x, ss[0])
-        d1 = self.down1(self.modulate(0, h0, cond), ss[1])
-        d2 = self.middle(self.down2(self.modulate(1, d1, cond), ss[2]), cond)
+        d1 = self.down1(self.encoder_input(0, h0, cond), ss[1])
+        d2 = self.middle(self.down2(self.encoder_input(1, d1, cond), ss[2]), cond)
         vec = self.to_vec(d2)
 
         h = self.up0(vec)
@@ -202,8 +217,7 @@ class ContextUnet(nn.Module):
     def middle(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The bottleneck blocks: ``h (B, 2 * n_feat, H/4, W/4)`` -> the same shape (``h`` itself without them)."""
         for block, embed in zip(self.mid, self.mid_embed):
-            scale, shift = embed(cond).chunk(2, dim=1)
-            h = block((1 + scale) * h + shift)
+            h = block(modulate(h, embed(cond)))
         return h
 
     def norm_scale_shifts(self, cond: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -214,10 +228,9 @@ class ContextUnet(nn.Module):
         out = self.norm_embed(cond)
         return out.split([2 * w for w in self.block_widths], dim=1)
 
-    def modulate(self, block: int, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def encoder_input(self, block: int, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The input of encoder block ``block``: ``h (B, n_feat, H, W)`` scaled and shifted by an MLP of
-        ``cond = (context, t_emb)`` when ``cond_encoder`` (``1 + scale``, so a fresh MLP starts near identity)."""
+        ``cond = (context, t_emb)`` when ``cond_encoder`` (:func:`modulate`)."""
         if not self.cond_encoder:
             return h
-        scale, shift = self.encoder_embed[block](cond).chunk(2, dim=1)
-        return (1 + scale) * h + shift
+        return modulate(h, self.encoder_embed[block](cond))
