@@ -51,11 +51,24 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
-def default_speed(device: torch.device) -> Speed:
-    """The fast path for ``device``; see docs/performance.md for what each part buys."""
+def cpu_capability() -> str:
+    """The widest vector instructions torch's CPU kernels use here: ``"AVX512"``, ``"AVX2"``, ..."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def channels_last_pays(device: torch.device, amp: bool) -> bool:
+    """Whether the NHWC layout is the faster one: for fp32 convolutions on a CPU with AVX-512. With bf16 it
+    is much slower, on AVX2-only CPUs no different, and on GPUs not measured (docs/performance.md)."""
+    return device.type == "cpu" and not amp and cpu_capability().startswith("AVX512")
+
+
+def default_speed(device: torch.device, amp: bool | None = None) -> Speed:
+    """The fast path for ``device``, with bf16 where it is native unless ``amp`` says otherwise; see
+    docs/performance.md for what each part buys."""
+    amp = bf16_supported(device) if amp is None else amp
     return Speed(
-        amp=bf16_supported(device),
-        channels_last=False,  # opt-in: see docs/performance.md for why
+        amp=amp,
+        channels_last=channels_last_pays(device, amp),
         fused_optimizer=device.type in ("cuda", "cpu"),
         on_device_data=True,
         log_every=25,

@@ -79,7 +79,10 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
     fast.add_argument("--plain", action="store_true",
                       help="the plain path: fp32, a DataLoader, eager, the loss read back every step")
     fast.add_argument("--no-amp", action="store_true", help="no bf16 autocast")
-    fast.add_argument("--channels-last", action="store_true", help="NHWC memory layout (off by default)")
+    layout = fast.add_mutually_exclusive_group()
+    layout.add_argument("--channels-last", action="store_true",
+                        help="NHWC memory layout (by default only for fp32 on CPUs with AVX-512)")
+    layout.add_argument("--no-channels-last", action="store_true", help="NCHW memory layout")
     fast.add_argument("--no-fused", action="store_true", help="Adam without its fused kernel")
     fast.add_argument("--no-device-data", action="store_true", help="feed batches through a DataLoader")
     fast.add_argument("--compile", action="store_true", help="torch.compile the network")
@@ -93,9 +96,9 @@ def explicit_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def speed_from_args(args: argparse.Namespace, device: torch.device) -> Speed:
     """The fast path for ``device`` with the parts the flags turn off."""
-    speed = PLAIN if args.plain else default_speed(device)
-    off = [name for name, flag in (("amp", args.no_amp), ("fused_optimizer", args.no_fused),
-                                   ("on_device_data", args.no_device_data)) if flag]
+    speed = PLAIN if args.plain else default_speed(device, amp=False if args.no_amp else None)
+    off = [name for name, flag in (("fused_optimizer", args.no_fused), ("on_device_data", args.no_device_data),
+                                   ("channels_last", args.no_channels_last)) if flag]
     speed = with_switches_off(speed, off)
     return replace(speed, compile=args.compile or speed.compile,
                    channels_last=args.channels_last or speed.channels_last, log_every=args.log_every or speed.log_every)

@@ -111,7 +111,7 @@ def time_sampling(config: Config, speed: Speed, device: torch.device, n: int, ho
 
 def fast_path(device: torch.device, args: Any) -> Speed:
     """The device's fast path, in fp32 with ``--no-amp`` (what runs on CPUs without bf16 units)."""
-    return replace(default_speed(device), amp=False) if args.no_amp else default_speed(device)
+    return default_speed(device, amp=False if args.no_amp else None)
 
 
 def run(args: Any) -> list[dict[str, Any]]:
@@ -144,11 +144,13 @@ def ablate(args: Any) -> None:
     device = pick_device(args.device)
     config = args.config
     fast = fast_path(device, args)
+    layout = [] if fast.channels_last else [("fast path + channels_last", replace(fast, channels_last=True))]
     variants = [("fast path", fast)] + [
         (f"without {name}", replace(fast, **{name: value}))
-        for name, value in (("amp", False), ("fused_optimizer", False), ("on_device_data", False), ("log_every", 1))
+        for name, value in (("amp", False), ("channels_last", False), ("fused_optimizer", False),
+                            ("on_device_data", False), ("log_every", 1))
         if getattr(fast, name) != value
-    ] + [("fast path + channels_last", replace(fast, channels_last=True)), ("plain path", PLAIN)]
+    ] + layout + [("plain path", PLAIN)]
     variants += [("fast path + torch.compile", replace(fast, compile=True))] if args.compile else []
     print("\n| training | images/s |\n|---|---|")
     for name, speed in variants:

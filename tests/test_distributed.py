@@ -85,7 +85,7 @@ def _rank(rank: int, world: int, port: int, argv: list[str], report: str) -> Non
 
     def checked_step(state, *args, **kwargs):
         loss = real_step(state, *args, **kwargs)
-        mine = torch.nn.utils.parameters_to_vector(state.ddpm.eps_model.parameters()).detach()
+        mine = torch.cat([p.detach().reshape(-1) for p in state.ddpm.eps_model.parameters()])  # any layout
         every = [torch.zeros_like(mine) for _ in range(world)]
         dist.all_gather(every, mine)
         gaps.append(max((p - every[0]).abs().max().item() for p in every))

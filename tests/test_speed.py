@@ -23,7 +23,8 @@ def test_device_data_and_dataloader_give_the_same_batches():
     assert sorted(torch.cat([y for _, y in fast]).tolist()) == list(range(37))
 
 
-def test_flags_turn_parts_off():
+def test_flags_turn_parts_off(monkeypatch):
+    monkeypatch.setattr(speed, "cpu_capability", lambda: "AVX2")
     cpu = torch.device("cpu")
     args = train.parse_args(["--no-amp", "--no-fused", "--log-every", "3"])
     chosen = train.speed_from_args(args, cpu)
@@ -31,6 +32,24 @@ def test_flags_turn_parts_off():
     assert train.speed_from_args(train.parse_args(["--plain"]), cpu) == speed.PLAIN
     assert not chosen.channels_last and train.speed_from_args(train.parse_args(["--channels-last"]), cpu).channels_last
     assert speed.default_speed(cpu).log_every > 1
+
+
+def test_channels_last_is_the_default_for_fp32_on_avx512_cpus_only(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for capability, amp, expected in (("AVX512", False, True), ("AVX512", True, False), ("AVX2", False, False)):
+        monkeypatch.setattr(speed, "cpu_capability", lambda c=capability: c)
+        assert speed.default_speed(cpu, amp=amp).channels_last is expected
+        assert not speed.default_speed(cuda, amp=amp).channels_last
+    monkeypatch.setattr(speed, "cpu_capability", lambda: "AVX512")
+    chosen = {flags: train.speed_from_args(train.parse_args(list(flags)), cpu).channels_last
+              for flags in (("--no-amp",), ("--no-amp", "--no-channels-last"), ("--plain",))}
+    assert chosen == {("--no-amp",): True, ("--no-amp", "--no-channels-last"): False, ("--plain",): False}
+
+
+def test_both_layout_flags_are_a_usage_error(capsys):
+    assert train.main(["--channels-last", "--no-channels-last"]) == 2
+    err = capsys.readouterr().err
+    assert "--no-channels-last: not allowed with argument --channels-last" in err and len(err.splitlines()) == 1
 
 
 def test_plain_and_fast_runs_write_the_same_files(tmp_path):
@@ -64,15 +83,22 @@ def test_bench_times_a_presets_network(capsys):
     assert "1 threads; preset cpu, T=8 n_feat=8 batch 64" in capsys.readouterr().out
 
 
-def test_bench_no_amp_times_the_fast_path_in_fp32(capsys):
+def test_bench_no_amp_times_the_fast_path_in_fp32(capsys, monkeypatch):
     from benchmarks import bench
 
+    monkeypatch.setattr(speed, "cpu_capability", lambda: "AVX2")
     args = ["--T", "8", "--n-feat", "8", "--batch-size", "4", "--train-steps", "1", "--warmup", "1",
             "--sample-n", "2", "--sample-steps", "2", "--device", "cpu", "--no-amp", "--ablate"]
     assert bench.main(args) == 0
     out = capsys.readouterr().out
     assert "fast: Speed(amp=False, channels_last=False, fused_optimizer=True" in out
     assert "| without amp |" not in out and "| fast path + channels_last |" in out
+
+    monkeypatch.setattr(speed, "cpu_capability", lambda: "AVX512")
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert "fast: Speed(amp=False, channels_last=True, fused_optimizer=True" in out
+    assert "| without channels_last |" in out and "| fast path + channels_last |" not in out
 
 
 def test_tile_data_repeats_the_training_split(tmp_path):
