@@ -128,6 +128,21 @@ def make_optimizer(model: nn.Module, lr: float, speed: Speed, beta2: float = 0.9
     return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, beta2), fused=speed.fused_optimizer or None)
 
 
+def align_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each loaded per-parameter state tensor (Adam's moments) its parameter's memory layout.
+
+    A checkpoint saved by a channels-last run and resumed in an NCHW one (or the reverse: bf16 and fp32
+    paths use different layouts) loads the moments in the old layout, and the fused Adam kernel pairs
+    elements by memory position, not by index, so its updates would be silently wrong.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor,
                draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ema_decay: float,
                batch: int | None = None, grad_clip: float = 0.0) -> torch.Tensor:
@@ -305,6 +320,7 @@ def build_state(config: Config, device: torch.device, speed: Speed, shard: Shard
         ddpm.eps_model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        align_state_layout(optimizer)
         history = {key: ckpt.get(key, default) for key, default in history.items()}
     return TrainState(ddpm, ema, optimizer, Replicas(ddpm, shard, device), speed), history
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
 
 import speed
 import train
+import training
 from conftest import TINY_TRAIN, write_fake_mnist
 from data import batches
+from unet import ContextUnet
 
 
 def test_device_data_and_dataloader_give_the_same_batches():
@@ -114,3 +117,28 @@ def test_tile_data_repeats_the_training_split(tmp_path):
     assert torch.equal(labels[:64], small_labels)
     test_split = [load_dataset(root, train=False, download=False)[0] for root in (data, out)]
     assert torch.equal(*test_split)
+
+
+def test_resumed_adam_moments_take_the_parameters_layout():
+    # A checkpoint from an NCHW run resumed with channels-last weights: fused Adam must step as in NCHW.
+    torch.manual_seed(0)
+    x, t, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 3, 5, 7]), torch.tensor([1, 2, 3, 4])
+    fast = speed.Speed(fused_optimizer=True)
+    net = ContextUnet(n_feat=8)
+    optimizer = training.make_optimizer(net, 1e-2, fast)
+    net(x, t, y).pow(2).mean().backward()
+    optimizer.step()
+    saved_net, saved_optimizer = copy.deepcopy(net.state_dict()), copy.deepcopy(optimizer.state_dict())
+
+    outputs = []
+    for channels_last in (False, True):
+        resumed = ContextUnet(n_feat=8)
+        resumed.load_state_dict(saved_net)
+        speed.prepare_model(resumed, speed.Speed(channels_last=channels_last))
+        optimizer = training.make_optimizer(resumed, 1e-2, fast)
+        optimizer.load_state_dict(copy.deepcopy(saved_optimizer))  # Adam steps its state in place
+        training.align_state_layout(optimizer)
+        resumed(x, t, y).pow(2).mean().backward()
+        optimizer.step()
+        outputs.append(resumed(x, t, y).detach())
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
