@@ -135,12 +135,10 @@ def align_state_layout(optimizer: torch.optim.Optimizer) -> None:
     paths use different layouts) loads the moments in the old layout, and the fused Adam kernel pairs
     elements by memory position, not by index, so its updates would be silently wrong.
     """
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
-                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor,
