@@ -148,6 +148,23 @@ def load_sampler(path: str, device: torch.device, weights: str = "ema") -> tuple
     return ddpm.to(device).eval(), ckpt
 
 
+def load_weak_model(name: str, ddpm: DDPM) -> DDPM:
+    """The model that autoguidance steers ``ddpm`` away from (``DDPM.guided_eps``), on ``ddpm``'s device.
+
+    ``name`` is a checkpoint or weights file, a folder (its newest ``*.pt``) or ``"pretrained"``; it must
+    share ``ddpm``'s images, classes and noise schedule (:meth:`DDPM.check_weak`).
+    """
+    try:
+        path, _ = find_checkpoint(name, fallback=False)
+        if not os.path.isfile(path):
+            raise UsageError(f"no checkpoint at {path!r}; train.py --snapshot-epochs E keeps earlier epochs of a run")
+        weak, _ = load_sampler(path, ddpm.betas.device)
+        ddpm.check_weak(weak)
+    except (UsageError, ValueError) as err:
+        raise UsageError(f"--weak-model {name}: {err}") from None
+    return weak
+
+
 def checkpoints_in(directory: str) -> list[str]:
     """The ``*.pt`` files directly in ``directory`` (not in subfolders such as ``classifier/`` or ``snapshots/``)."""
     return [path for path in glob.glob(os.path.join(directory, "*.pt")) if os.path.isfile(path)]

@@ -9,8 +9,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from checkpoint import load_weak_model
 from config import RULES, UsageError
-from ddpm import DEFAULT_SAMPLER, SAMPLERS, eta_samplers, fewer_step_samplers, sampler_class
+from ddpm import DDPM, DEFAULT_SAMPLER, SAMPLERS, eta_samplers, fewer_step_samplers, sampler_class
 from generation import DEFAULT_GUIDANCE_INTERVAL, Sampling, describe_interval
 from stopping import Interrupted, RunStopped
 
@@ -73,6 +74,7 @@ positive_int = typed("positive_int")
 non_negative_int = typed("non_negative_int")
 positive_float = typed("positive_float")
 non_negative_float = typed("non_negative_float")
+at_least_one_float = typed("at_least_one_float")
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -120,6 +122,12 @@ def add_sampling_args(p: argparse.ArgumentParser, many: bool = False) -> None:
                    help="apply the guidance only at noise levels LO < sigma <= HI, plain conditional elsewhere "
                         "(sigma = sqrt((1 - a_bar) / a_bar); 0 inf: at every step; default: "
                         f"{describe_interval(DEFAULT_GUIDANCE_INTERVAL)})")
+    p.add_argument("--autoguidance", type=at_least_one_float, nargs=nargs, default=[1.0] if many else 1.0,
+                   metavar="A", help="autoguidance scale a (Karras et al. 2024): also steer away from --weak-model's "
+                                     "estimate for the same label, inside the guidance interval (default 1: off)")
+    p.add_argument("--weak-model", metavar="CKPT",
+                   help="the weaker model --autoguidance steers away from: a checkpoint with the same noise "
+                        "schedule, e.g. an earlier epoch of the same run (train.py --snapshot-epochs)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast: faster on GPUs and CPUs with bf16 units")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
@@ -132,7 +140,20 @@ def sampling_from_args(args: argparse.Namespace, T: int) -> Sampling:
     ``--steps`` alone keeps the default sampler.
     """
     return Sampling(args.sampler or DEFAULT_SAMPLER, args.steps, args.eta, args.guidance, args.amp,
-                    interval_from_args(args)).resolve(T)
+                    interval_from_args(args), args.autoguidance).resolve(T)
+
+
+def weak_model_from_args(args: argparse.Namespace, ddpm: DDPM) -> DDPM | None:
+    """The ``--weak-model`` that ``--autoguidance`` needs, loaded beside ``ddpm``; ``None`` when it is off."""
+    scales = args.autoguidance if isinstance(args.autoguidance, list) else [args.autoguidance]
+    guided = any(a != 1.0 for a in scales)
+    if guided and not args.weak_model:
+        raise UsageError("--autoguidance A needs --weak-model CKPT, a weaker checkpoint with the same schedule "
+                         "(e.g. an earlier epoch of the same run, kept by train.py --snapshot-epochs)")
+    if args.weak_model and not guided:
+        raise UsageError("--weak-model is used only by --autoguidance A with A > 1 (e.g. 2); add it or drop "
+                         "--weak-model")
+    return load_weak_model(args.weak_model, ddpm) if guided else None
 
 
 def sigma_bound(text: str) -> float:

@@ -34,6 +34,7 @@ RULES: dict[str, tuple[Callable[[str], Any], Callable[[Any], bool], str]] = {
     "non_negative_int": (int, lambda v: v >= 0, "an integer >= 0"),
     "positive_float": (float, lambda v: 0 < v < math.inf, "a positive number"),
     "non_negative_float": (float, lambda v: 0 <= v < math.inf, "a number >= 0"),
+    "at_least_one_float": (float, lambda v: 1 <= v < math.inf, "a number >= 1"),
     "int": (int, lambda v: True, "an integer"),
     "switch": (int, lambda v: v in (0, 1), "0 or 1"),
     "prediction": choice(PREDICTIONS),

@@ -25,6 +25,11 @@ At sampling time::
 
 ``s = 0`` is unconditional, ``s = 1`` plain conditional, ``s > 1`` sharpens the class.
 The paper's form ``(1 + w) * eps_cond - w * eps_uncond`` is the same with ``s = 1 + w``.
+
+Autoguidance (Karras et al. 2024) may be added to it, in the same method: a weaker model of the same
+schedule (e.g. an earlier snapshot of the same run) is asked for the same label, and the estimate moves
+away from it, ``+ (a - 1) * (eps_cond - eps_weak)``; ``a = 1`` is off. With ``s = 1`` it is Karras et al.'s
+``eps_weak + a * (eps_cond - eps_weak)``.
 """
 
 from __future__ import annotations
@@ -295,21 +300,44 @@ class DDPM(nn.Module):
             return F.one_hot(torch.full(labels.shape[:1], null, device=labels.device), labels.shape[1]).to(labels)
         return torch.full_like(labels, null)
 
-    def guided_eps(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: float) -> torch.Tensor:
+    def guided_eps(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: float,
+                   weak: DDPM | None = None, autoguidance: float = 1.0) -> torch.Tensor:
         """Classifier-free guided noise estimate ``eps_u + s (eps_c - eps_u)`` with ``s = guidance``.
 
         ``labels`` are class indices ``(B,)`` or class weights ``(B, K + 1)`` (see ``unet.ContextUnet``).
         One network call: the conditional and unconditional halves share a batch.
-        ``s = 1`` and ``s = 0`` need only one of them and skip the other.
+        ``s = 1`` and ``s = 0`` need only one of them and skip the other. With a ``weak`` model and
+        ``autoguidance = a != 1``, plus ``(a - 1) (eps_c - eps_weak)``, ``eps_weak`` the weak model's
+        estimate for the same labels (Karras et al. 2024).
         """
-        if guidance == 1.0:
+        autoguided = weak is not None and autoguidance != 1.0
+        if guidance == 1.0 and not autoguided:
             return self.network_eps(x, t, labels)
         null = self.null_labels_like(labels)
-        if guidance == 0.0:
+        if guidance == 0.0 and not autoguided:
             return self.network_eps(x, t, null)
-        eps = self.network_eps(torch.cat((x, x)), torch.cat((t, t)), torch.cat((labels, null)))
-        eps_cond, eps_uncond = eps.chunk(2)
-        return eps_uncond + guidance * (eps_cond - eps_uncond)
+        if guidance == 1.0:
+            eps = eps_cond = self.network_eps(x, t, labels)
+        else:
+            eps_cond, eps_uncond = self.network_eps(torch.cat((x, x)), torch.cat((t, t)),
+                                                    torch.cat((labels, null))).chunk(2)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        if autoguided:
+            eps = eps + (autoguidance - 1) * (eps_cond - weak.network_eps(x, t, labels))
+        return eps
+
+    def check_weak(self, weak: DDPM) -> None:
+        """``ValueError`` unless ``weak`` can guide this model: the same images, classes and noise schedule.
+
+        Its width, prediction target and training may differ; the guidance compares noise estimates.
+        """
+        if weak.image_shape != self.image_shape or weak.eps_model.n_classes != self.eps_model.n_classes:
+            raise ValueError(f"the weak model draws {weak.image_shape} images of {weak.eps_model.n_classes} classes, "
+                             f"this one {self.image_shape} of {self.eps_model.n_classes}")
+        same = weak.T == self.T and torch.allclose(weak.alphas_cumprod.cpu(), self.alphas_cumprod.cpu())
+        if not same:
+            raise ValueError(f"the weak model has another noise schedule (T={weak.T}, this one T={self.T}); "
+                             "use a checkpoint trained with the same --T, --schedule and betas")
 
     def ddim_timesteps(self, steps: int) -> list[int]:
         """``steps`` distinct timesteps from ``T-1`` down to ``0`` (``1 <= steps <= T``).
@@ -394,6 +422,8 @@ class DDPM(nn.Module):
         clip_x0: bool = True,
         shared_noise: bool = False,
         guidance_interval: tuple[float, float] | None = DEFAULT_GUIDANCE_INTERVAL,
+        weak: DDPM | None = None,
+        autoguidance: float = 1.0,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Generate images for any labels ``(B,)`` (or class weights ``(B, K + 1)``) with a registered sampler.
 
@@ -403,10 +433,13 @@ class DDPM(nn.Module):
         ``(S + 1, B, C, H, W)`` on the CPU. ``progress`` may wrap the step iterator (e.g. ``tqdm``).
         ``shared_noise`` gives every image the same noise at the start and at every step, so that the images
         differ only by label. A ``guidance`` above 1 applies only inside ``guidance_interval``
-        (:meth:`guided_steps`); ``guidance <= 1`` applies at every step. The loop is Algorithm 2's: estimate
-        the noise, take a step, add fresh noise except on the last step.
+        (:meth:`guided_steps`); ``guidance <= 1`` applies at every step. ``autoguidance`` by a ``weak`` model
+        (:meth:`guided_eps`) applies inside the same interval. The loop is Algorithm 2's: estimate the noise,
+        take a step, add fresh noise except on the last step.
         """
         solver = make_sampler(sampler, self, steps, eta, clip_x0)
+        if weak is not None:
+            self.check_weak(weak)
         shape = (labels.shape[0], *self.image_shape)
         noise = functools.partial(_noise, shape, labels.device, generator, shared_noise)
         x = noise()
@@ -415,7 +448,8 @@ class DDPM(nn.Module):
         guided = self.guided_steps(guidance_interval)  # read once: a per-step read would wait for the device
         for t, t_prev in progress(pairs) if progress else pairs:
             scale = guidance if guidance <= 1 or guided[t] else 1.0
-            eps = self.guided_eps(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), labels, scale)
+            t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            eps = self.guided_eps(x, t_batch, labels, scale, weak, autoguidance if guided[t] else 1.0)
             x = solver.step(x, eps, t, t_prev, noise() if solver.adds_noise(t_prev) else None)
             if trajectory is not None:
                 trajectory.append(x.cpu())

@@ -28,6 +28,7 @@ import torch
 import classifier as clf
 from checkpoint import bundled_note, find_checkpoint, load_sampler
 from cli import ArgumentParser, add_sampling_args, interval_from_args, pick_device, positive_int, run_cli
+from cli import weak_model_from_args
 from config import UsageError
 from data import load_dataset, to_uint8
 from ddpm import DDPM, DEFAULT_SAMPLER, SAMPLERS
@@ -43,7 +44,8 @@ EXAMPLES = (
 
 
 def sampler_settings(args: argparse.Namespace, T: int) -> list[Sampling]:
-    """Every row asked for: each sampler (once per ``--steps`` value if it takes steps) at each guidance scale."""
+    """Every row asked for: each sampler (once per ``--steps`` value if it takes steps) at each guidance scale
+    and each autoguidance scale."""
     samplers = args.sampler or [DEFAULT_SAMPLER]
     interval = interval_from_args(args)
     takes_steps = [name for name in samplers if SAMPLERS[name].default_steps is not None]
@@ -53,7 +55,8 @@ def sampler_settings(args: argparse.Namespace, T: int) -> list[Sampling]:
     for name in samplers:
         for steps in (args.steps or [None]) if name in takes_steps else [None]:
             eta = args.eta if SAMPLERS[name].default_eta is not None else None
-            rows += [Sampling(name, steps, eta, guidance, args.amp, interval).resolve(T) for guidance in args.guidance]
+            rows += [Sampling(name, steps, eta, guidance, args.amp, interval, a).resolve(T)
+                     for guidance in args.guidance for a in args.autoguidance]
     return rows
 
 
@@ -99,21 +102,21 @@ def read_npz(path: str) -> tuple[torch.Tensor, torch.Tensor, str]:
 
 
 def score_sampling(ddpm: DDPM, labels: torch.Tensor, how: Sampling, seed: int, batch_size: int,
-                   ref: Reference) -> dict[str, Any]:
+                   ref: Reference, weak: DDPM | None = None) -> dict[str, Any]:
     """One table row: generate ``labels`` as ``how`` says, score them, and time the generation."""
     started = time.perf_counter()
-    x = generate(ddpm, labels, how, seed, batch_size)
+    x = generate(ddpm, labels, how, seed, batch_size, weak=weak)
     seconds = time.perf_counter() - started
     return {"name": how.describe(), "guidance": how.guidance, **ref.score(to_uint8(x), labels),
             "seconds_per_1000": seconds / len(labels) * 1000}
 
 
 def score_checkpoint(ddpm: DDPM, rows: list[Sampling], labels: torch.Tensor, seed: int, batch_size: int,
-                     ref: Reference) -> list[dict[str, Any]]:
+                     ref: Reference, weak: DDPM | None = None) -> list[dict[str, Any]]:
     """A scored row per :class:`Sampling` of ``labels``; printed as they finish."""
     scored = []
     for how in rows:
-        scored.append(score_sampling(ddpm, labels, how, seed, batch_size, ref))
+        scored.append(score_sampling(ddpm, labels, how, seed, batch_size, ref, weak))
         print(format_table(scored[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     return scored
 
@@ -135,6 +138,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if bundled:
             print(bundled_note(path, ckpt), file=sys.stderr)
         settings = sampler_settings(args, ddpm.T)  # bad flags fail before any classifier training
+        weak = weak_model_from_args(args, ddpm)
         dataset, labels = ckpt["config"].dataset, requested_labels(None, args.n, ddpm.eps_model.n_classes)
     cache = args.classifier_cache or clf.default_cache(dataset)
     model, info = clf.load_or_train(args.data_root, cache, args.classifier_epochs, dataset)
@@ -142,9 +146,9 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.npz:
         rows = [{"name": os.path.basename(args.npz), **ref.score(images, labels)}]
     else:
-        print(f"checkpoint {path} (epoch {ckpt['epoch']}, T={ddpm.T}, n_feat={ckpt['config'].model.n_feat})",
-              file=sys.stderr)
-        rows = score_checkpoint(ddpm, settings, labels, args.seed, args.batch_size, ref)
+        print(f"checkpoint {path} (epoch {ckpt['epoch']}, T={ddpm.T}, n_feat={ckpt['config'].model.n_feat})"
+              + (f", weak model {args.weak_model}" if weak is not None else ""), file=sys.stderr)
+        rows = score_checkpoint(ddpm, settings, labels, args.seed, args.batch_size, ref, weak)
     print(f"{dataset} classifier: {100 * info['test_accuracy']:.2f}% on {info['test_size']} test images "
           f"(trained on {info['train_size']}); FID, precision and recall in its features (metrics.py), "
           f"against the {info['test_size']} test images")

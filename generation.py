@@ -29,6 +29,8 @@ class Sampling:
     """How to draw. ``steps`` and ``eta`` left ``None`` take the sampler's own defaults (:meth:`resolve`).
 
     ``guidance_interval``: the noise levels at which ``guidance`` applies (``None``: all; ``DDPM.sample``).
+    ``autoguidance``: the scale ``a`` of the guidance by a weaker model (1: off; ``DDPM.guided_eps``), which
+    :func:`generate` is given.
     """
 
     sampler: str = DEFAULT_SAMPLER
@@ -37,6 +39,7 @@ class Sampling:
     guidance: float = 2.0
     amp: bool = False
     guidance_interval: tuple[float, float] | None = DEFAULT_GUIDANCE_INTERVAL
+    autoguidance: float = 1.0
 
     def resolve(self, T: int) -> Sampling:
         """The same with the sampler's defaults filled in for ``T`` steps; bad settings are a :class:`UsageError`."""
@@ -50,7 +53,8 @@ class Sampling:
         """``"dpm++ 20 steps"``, ``"ddpm (all T steps)"``; with ``", bf16"`` under autocast."""
         interval = ("" if self.guidance_interval == DEFAULT_GUIDANCE_INTERVAL
                     else f", guided {describe_interval(self.guidance_interval)}")
-        return sampler_class(self.sampler).describe(self.steps or 0) + interval + (", bf16" if self.amp else "")
+        auto = f", autoguidance {self.autoguidance:g}" if self.autoguidance != 1.0 else ""
+        return sampler_class(self.sampler).describe(self.steps or 0) + interval + auto + (", bf16" if self.amp else "")
 
 
 def requested_labels(digit: int | None, n: int, n_classes: int) -> torch.Tensor:
@@ -71,12 +75,16 @@ def blended_labels(a: int, b: int, n: int, n_classes: int) -> torch.Tensor:
 
 
 def generate(ddpm: DDPM, labels: torch.Tensor, how: Sampling, seed: int = 0, batch_size: int = 100,
-             trajectory: bool = False, shared_noise: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+             trajectory: bool = False, shared_noise: bool = False,
+             weak: DDPM | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sample ``labels`` (``(N,)`` indices or ``(N, K + 1)`` weights) in batches from one seeded generator.
 
     Runs on ``ddpm``'s device. Returns ``(N, C, H, W)`` in ``[-1, 1]``, and with ``trajectory`` also every
     state ``(S + 1, N, C, H, W)``. ``shared_noise``: every image gets the same noise (see ``DDPM.sample``).
+    ``weak``: the model that ``how.autoguidance`` guides away from, on the same device.
     """
+    if how.autoguidance != 1.0 and weak is None:
+        raise ValueError("autoguidance needs a weak model")
     device = ddpm.betas.device
     generator = torch.Generator().manual_seed(seed)
     chunks = labels.split(batch_size)
@@ -84,7 +92,8 @@ def generate(ddpm: DDPM, labels: torch.Tensor, how: Sampling, seed: int = 0, bat
     for i, chunk in enumerate(chunks):
         with autocast(device, Speed(amp=how.amp)):
             result = ddpm.sample(chunk.to(device), how.guidance, generator=generator, progress=_bar(i, len(chunks)),
-                                 return_trajectory=trajectory, shared_noise=shared_noise, **_sampler_args(how))
+                                 return_trajectory=trajectory, shared_noise=shared_noise, weak=weak,
+                                 **_sampler_args(how))
         x, steps = result if trajectory else (result, None)
         out.append(x.float().cpu())
         if steps is not None:
@@ -93,7 +102,8 @@ def generate(ddpm: DDPM, labels: torch.Tensor, how: Sampling, seed: int = 0, bat
 
 
 def _sampler_args(how: Sampling) -> dict[str, Any]:
-    return {"sampler": how.sampler, "steps": how.steps, "eta": how.eta, "guidance_interval": how.guidance_interval}
+    return {"sampler": how.sampler, "steps": how.steps, "eta": how.eta, "guidance_interval": how.guidance_interval,
+            "autoguidance": how.autoguidance}
 
 
 def _bar(i: int, count: int):

@@ -28,7 +28,7 @@ import torch
 
 from checkpoint import bundled_note, export_weights, find_checkpoint, load_sampler
 from cli import ArgumentParser, add_sampling_args, non_negative_float, pick_device, positive_int, run_cli
-from cli import sampling_from_args
+from cli import sampling_from_args, weak_model_from_args
 from config import Config, UsageError
 from data import DATASETS, grid_image, save_gif, save_grid, to_uint8
 from ddpm import DDPM
@@ -145,11 +145,13 @@ def output_targets(args: argparse.Namespace) -> str:
     return out
 
 
-def draw_guidance_grid(ddpm: DDPM, config: Config, how: Sampling, scales: list[float], digit: int | None, n: int,
-                       seed: int, batch_size: int, out: str) -> tuple[torch.Tensor, str]:
-    """One row per guidance scale, each from the same seed (so the same noise)."""
-    row = requested_labels(digit, n if digit is not None else 1, config.model.n_classes)
-    x = torch.cat([generate(ddpm, row, replace(how, guidance=s), seed, batch_size) for s in scales])
+def draw_guidance_grid(ddpm: DDPM, config: Config, how: Sampling, args: argparse.Namespace, out: str,
+                       weak: DDPM | None = None) -> tuple[torch.Tensor, str]:
+    """One row per guidance scale of ``--guidance-grid``, each from the same seed (so the same noise)."""
+    scales = args.guidance_grid
+    row = requested_labels(args.digit, args.n if args.digit is not None else 1, config.model.n_classes)
+    x = torch.cat([generate(ddpm, row, replace(how, guidance=s), args.seed, args.batch_size, weak=weak)
+                   for s in scales])
     save_grid(x, out, ncol=len(row))
     return x, f"guidance {' '.join(f'{s:g}' for s in scales)}, one row each"
 
@@ -165,12 +167,12 @@ def labels_to_draw(args: argparse.Namespace, config: Config) -> tuple[torch.Tens
 
 
 def draw_images(ddpm: DDPM, config: Config, how: Sampling, args: argparse.Namespace,
-                out: str) -> tuple[torch.Tensor, str]:
+                out: str, weak: DDPM | None = None) -> tuple[torch.Tensor, str]:
     """A grid (or an ``--interpolate`` row), with the GIF, strip and NPZ asked for."""
     labels, ncol, header = labels_to_draw(args, config)
     wants_states = bool(args.gif or args.trajectory)
     result = generate(ddpm, labels, how, args.seed, args.batch_size, trajectory=wants_states,
-                      shared_noise=bool(args.interpolate))
+                      shared_noise=bool(args.interpolate), weak=weak)
     x, states = result if wants_states else (result, None)
     save_grid(x, out, ncol=ncol, header=header)
     what = f"guidance {how.guidance:g}"
@@ -206,13 +208,15 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.digit is not None:
         check_class(args.digit, "--digit", ckpt["config"])
     how = sampling_from_args(args, ddpm.T)
+    weak = weak_model_from_args(args, ddpm)
     out = output_targets(args)
     started = time.perf_counter()
     if args.guidance_grid:
-        x, what = draw_guidance_grid(ddpm, ckpt["config"], how, args.guidance_grid, args.digit, args.n, args.seed,
-                                     args.batch_size, out)
+        x, what = draw_guidance_grid(ddpm, ckpt["config"], how, args, out, weak)
     else:
-        x, what = draw_images(ddpm, ckpt["config"], how, args, out)
+        x, what = draw_images(ddpm, ckpt["config"], how, args, out, weak)
+    if weak is not None:
+        what += f", weak model {args.weak_model}"
     print(f"{len(x)} images in {time.perf_counter() - started:.1f}s ({how.describe()}, {what}) "
           f"from {path} (epoch {ckpt['epoch']}) -> {out}", file=sys.stderr)
     return 0
