@@ -1,8 +1,9 @@
 """Seeded, batched, guided generation: what ``sample.py``, ``evaluate.py``, the study and the benchmark draw with.
 
 A :class:`Sampling` says how to draw (a sampler of ``ddpm.SAMPLERS``, its steps and eta, the guidance
-scale, bf16 or not); :func:`generate` draws any labels in batches from one seeded generator, so the
-same seed gives the same images whatever the batch size of the caller's loop over classes.
+scale, bf16 or not); :func:`generate` draws any labels in batches from one seeded generator: the same
+seed and batch size give the same images. The noise is drawn one batch at a time, so another batch size
+draws other images from the same model.
 """
 
 from __future__ import annotations

@@ -371,3 +371,14 @@ def test_a_registered_toy_sampler_runs_from_sample(monkeypatch):
     assert x.shape == (2, 1, 28, 28) and trajectory.shape == (11, 2, 1, 28, 28)
     again = ddpm.sample(torch.tensor([1, 2]), 2.0, torch.Generator().manual_seed(0), sampler="ddim", steps=10, eta=0.0)
     torch.testing.assert_close(x, again)  # deterministic DDIM is this Euler step in disguise
+
+
+def test_generate_gives_the_same_images_at_the_same_seed_and_batch_size():
+    from generation import Sampling, generate
+
+    ddpm, labels = tiny_ddpm(), torch.arange(6)
+    how = Sampling(steps=3).resolve(ddpm.T)
+    first = generate(ddpm, labels, how, seed=1, batch_size=3)
+    torch.testing.assert_close(generate(ddpm, labels, how, seed=1, batch_size=3), first, rtol=0, atol=0)
+    # the noise is drawn one batch at a time (README, --batch-size): another batch size, other images
+    assert not torch.allclose(generate(ddpm, labels, how, seed=1, batch_size=6), first)
