@@ -30,8 +30,8 @@ class Sampling:
     """How to draw. ``steps`` and ``eta`` left ``None`` take the sampler's own defaults (:meth:`resolve`).
 
     ``guidance_interval``: the noise levels at which ``guidance`` applies (``None``: all; ``DDPM.sample``).
-    ``autoguidance``: the scale ``a`` of the guidance by a weaker model (1: off; ``DDPM.guided_eps``), which
-    :func:`generate` is given.
+    ``autoguidance``: the scale ``a`` of the guidance by a weaker model (1: off; ``DDPM.guided_eps``); the
+    weak model itself is an argument of :func:`generate`.
     """
 
     sampler: str = DEFAULT_SAMPLER
