@@ -311,14 +311,12 @@ class DDPM(nn.Module):
         estimate for the same labels (Karras et al. 2024).
         """
         autoguided = weak is not None and autoguidance != 1.0
-        if guidance == 1.0 and not autoguided:
-            return self.network_eps(x, t, labels)
-        null = self.null_labels_like(labels)
         if guidance == 0.0 and not autoguided:
-            return self.network_eps(x, t, null)
+            return self.network_eps(x, t, self.null_labels_like(labels))
         if guidance == 1.0:
             eps = eps_cond = self.network_eps(x, t, labels)
         else:
+            null = self.null_labels_like(labels)
             eps_cond, eps_uncond = self.network_eps(torch.cat((x, x)), torch.cat((t, t)),
                                                     torch.cat((labels, null))).chunk(2)
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
