@@ -131,8 +131,9 @@ def add_sampling_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("--amp", action="store_true", help="bf16 autocast: faster on GPUs and CPUs with bf16 units")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-    p.add_argument("--batch-size", type=positive_int, default=100, help="images generated at once (default 100); the noise is drawn one batch at a time, so "
-                        "a seed gives the same images at the same batch size")
+    p.add_argument("--batch-size", type=positive_int, default=100,
+                   help="images generated at once (default 100); the noise is drawn one batch at a time, so a "
+                        "seed gives the same images at the same batch size")
 
 
 def sampling_from_args(args: argparse.Namespace, T: int) -> Sampling:

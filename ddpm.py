@@ -438,6 +438,8 @@ class DDPM(nn.Module):
         solver = make_sampler(sampler, self, steps, eta, clip_x0)
         if weak is not None:
             self.check_weak(weak)
+        elif autoguidance != 1.0:
+            raise ValueError(f"autoguidance {autoguidance:g} needs a weak model to guide away from")
         shape = (labels.shape[0], *self.image_shape)
         noise = functools.partial(_noise, shape, labels.device, generator, shared_noise)
         x = noise()

@@ -84,8 +84,6 @@ def generate(ddpm: DDPM, labels: torch.Tensor, how: Sampling, seed: int = 0, bat
     state ``(S + 1, N, C, H, W)``. ``shared_noise``: every image gets the same noise (see ``DDPM.sample``).
     ``weak``: the model that ``how.autoguidance`` guides away from, on the same device.
     """
-    if how.autoguidance != 1.0 and weak is None:
-        raise ValueError("autoguidance needs a weak model")
     device = ddpm.betas.device
     generator = torch.Generator().manual_seed(seed)
     chunks = labels.split(batch_size)

@@ -59,6 +59,12 @@ def draw(ddpm: DDPM, **kwargs) -> torch.Tensor:
     return ddpm.sample(torch.arange(4), guidance=1.5, generator=torch.Generator().manual_seed(0), steps=6, **kwargs)
 
 
+def test_autoguidance_without_a_weak_model_is_refused():
+    # silently drawing plain classifier-free samples would hide the caller's mistake
+    with pytest.raises(ValueError, match="needs a weak model"):
+        draw(tiny(), autoguidance=2.0)
+
+
 def test_autoguidance_applies_inside_the_guidance_interval_only():
     ddpm, weak = tiny(seed=0), tiny(seed=1)
     plain = draw(ddpm, guidance_interval=None)
