@@ -149,8 +149,11 @@ class Config:
         unknown = set(values) - set(known) - {"dataset", "preset"}
         if unknown:
             raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
-        parts = {part: replace(getattr(self, part), **{k: v for k, v in values.items() if k in known
-                                                         and known[k][0] == part}) for part in PARTS}
+        by_part: dict[str, dict[str, Any]] = {part: {} for part in PARTS}
+        for name, value in values.items():
+            if name in known:
+                by_part[known[name][0]][name] = value
+        parts = {part: replace(getattr(self, part), **changes) for part, changes in by_part.items()}
         top = {k: v for k, v in values.items() if k in ("dataset", "preset")}
         return replace(self, **parts, **top)
 

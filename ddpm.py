@@ -455,7 +455,6 @@ class DDPM(nn.Module):
                 trajectory.append(x.cpu())
         return (x, torch.stack(trajectory)) if trajectory is not None else x
 
-
     def guided_steps(self, interval: tuple[float, float] | None) -> list[bool]:
         """For each timestep, whether its noise level lies in the guidance ``interval = (lo, hi)``: ``lo < sigma_t
         <= hi`` with ``sigma_t = sqrt((1 - a_bar_t) / a_bar_t)`` (Kynkaanniemi et al. 2024); all if ``None``."""

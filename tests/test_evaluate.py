@@ -119,7 +119,8 @@ def test_a_collapsed_set_has_high_precision_and_low_recall():
 def test_knn_radii_and_coverage_by_hand():
     points = torch.tensor([[0.0], [1.0], [3.0]])
     assert metrics.knn_radii(points, k=1).tolist() == [1.0, 1.0, 2.0]
-    assert metrics.coverage(torch.tensor([[0.5], [2.2], [9.0]]), points, torch.tensor([0.4, 0.1, 1.0])) == pytest.approx(1 / 3)
+    radii = torch.tensor([0.4, 0.1, 1.0])
+    assert metrics.coverage(torch.tensor([[0.5], [2.2], [9.0]]), points, radii) == pytest.approx(1 / 3)
 
 
 def test_class_matched_draw_follows_the_labels():

@@ -282,7 +282,8 @@ def test_recipe_driver_keeps_a_row_per_guidance_scale(monkeypatch):
     args = argparse.Namespace(out_dir="runs", data_root="d", n=100, classifier_cache="k", guidance=[1.5, 2.0])
     rows = recipes.score("D-b32", 8, 0, args)
     assert commands[0][-3:] == ["--guidance", "1.5", "2.0"]
-    assert rows[0].startswith("| D-b32 | `--prediction v --cond-encoder 1 --batch-size 32` | 8 | 0 | 1.5 | 98.9% | 0.142")
+    flags = "`--prediction v --cond-encoder 1 --batch-size 32`"
+    assert rows[0].startswith(f"| D-b32 | {flags} | 8 | 0 | 1.5 | 98.9% | 0.142")
     assert rows[1].split(" | ")[4:6] == ["2.0", "99.9%"] and rows[2].startswith("| real digits (floor) |")
     args.guidance = [2.0]
     with pytest.raises(UsageError, match="printed no score table"):
