@@ -337,6 +337,13 @@ class DDPM(nn.Module):
             raise ValueError(f"the weak model has another noise schedule (T={weak.T}, this one T={self.T}); "
                              "use a checkpoint trained with the same --T, --schedule and betas")
 
+    def check_autoguidance(self, weak: DDPM | None, autoguidance: float) -> None:
+        """``ValueError`` if ``autoguidance != 1`` has no ``weak`` model, or ``weak`` fails :meth:`check_weak`."""
+        if weak is not None:
+            self.check_weak(weak)
+        elif autoguidance != 1.0:
+            raise ValueError(f"autoguidance {autoguidance:g} needs a weak model to guide away from")
+
     def ddim_timesteps(self, steps: int) -> list[int]:
         """``steps`` distinct timesteps from ``T-1`` down to ``0`` (``1 <= steps <= T``).
 
@@ -436,10 +443,7 @@ class DDPM(nn.Module):
         take a step, add fresh noise except on the last step.
         """
         solver = make_sampler(sampler, self, steps, eta, clip_x0)
-        if weak is not None:
-            self.check_weak(weak)
-        elif autoguidance != 1.0:
-            raise ValueError(f"autoguidance {autoguidance:g} needs a weak model to guide away from")
+        self.check_autoguidance(weak, autoguidance)
         shape = (labels.shape[0], *self.image_shape)
         noise = functools.partial(_noise, shape, labels.device, generator, shared_noise)
         x = noise()
