@@ -66,6 +66,8 @@ RECIPES: dict[str, list[str]] = {
     # Noise prediction again, where its weak spot (the almost pure noise of beta-end 0.04) is smaller.
     "enc-b32-beta-end-0.02": ["--cond-encoder", "1", "--batch-size", "32", "--beta-end", "0.02"],
     "D-b32-p-uncond-0.2": [*D_B32, "--p-uncond", "0.2"],
+    # The other direction: more of each batch spent on the conditional model that guidance 2 mostly follows.
+    "D-b32-p-uncond-0.05": [*D_B32, "--p-uncond", "0.05"],
     "D-b32-beta-end-0.02-log-normal-wide": [*D_B32, "--beta-end", "0.02", *LOG_NORMAL_WIDE],
     # Smaller batches with a longer EMA to average out their noisier steps.
     "D-b32-ema-0.999": [*D_B32, "--ema-decay", "0.999"],
