@@ -9,6 +9,7 @@ from torch import nn
 
 import ddpm as ddpm_module
 from ddpm import DDPM, SAMPLERS, Ancestral, DDIM, DPMSolverPP2M, Sampler, extract, make_sampler
+from generation import Sampling, generate
 from unet import ContextUnet
 
 
@@ -374,8 +375,6 @@ def test_a_registered_toy_sampler_runs_from_sample(monkeypatch):
 
 
 def test_generate_gives_the_same_images_at_the_same_seed_and_batch_size():
-    from generation import Sampling, generate
-
     ddpm, labels = tiny_ddpm(), torch.arange(6)
     how = Sampling(steps=3).resolve(ddpm.T)
     first = generate(ddpm, labels, how, seed=1, batch_size=3)
