@@ -64,6 +64,13 @@ def train_tiny(root, flags: list[str] = TINY_TRAIN, folder: str = "MNIST") -> di
     return {"data": data, "out": out, "checkpoint": os.path.join(out, "checkpoints", "ddpm_8_8.pt")}
 
 
+def one_line_error(capsys) -> str:
+    """What a CLI printed on stderr, asserted to be one line and no traceback (the bad-input contract)."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> dict:
     """One tiny finished training run, shared by the tests that only read it."""

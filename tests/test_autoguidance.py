@@ -11,7 +11,7 @@ import torch
 
 import evaluate
 import sample
-from conftest import TINY_TRAIN, train_tiny
+from conftest import TINY_TRAIN, one_line_error, train_tiny
 from ddpm import DDPM
 from generation import Sampling
 from unet import ContextUnet
@@ -123,8 +123,7 @@ def test_autoguidance_bad_input(run_with_snapshot, tmp_path, monkeypatch, capsys
     args = [names.get(a, a) for a in args]
     common = ["--checkpoint", run_with_snapshot["checkpoint"], "--device", "cpu"]
     assert sample.main(common + args + ["--out", "kept.png"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and words in err, err
+    assert words in one_line_error(capsys)
     assert not os.path.exists("kept.png")
     assert evaluate.main(common + args + ["--data-root", "nowhere", "--classifier-cache", "none.pt"]) == 2
     assert words in capsys.readouterr().err

@@ -15,7 +15,7 @@ import checkpoint
 import sample
 import train
 import training
-from conftest import TINY_TRAIN, write_fake_mnist
+from conftest import TINY_TRAIN, one_line_error, write_fake_mnist
 from data import load_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,12 +112,6 @@ def test_resume_continues_where_it_stopped(tmp_path, monkeypatch):
     for key in a["ema"]:
         torch.testing.assert_close(a["ema"][key], b["ema"][key], rtol=0, atol=0)
     assert os.path.exists(os.path.join(cut, "DDMP_generated_samples_8_8", "samples_epoch2_8_8.png"))
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 def snapshot(folder: str) -> dict[str, tuple[int, bytes]]:

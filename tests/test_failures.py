@@ -27,7 +27,7 @@ import sample
 import train
 import training
 from config import UsageError
-from conftest import TINY_TRAIN, write_fake_mnist, write_idx
+from conftest import TINY_TRAIN, one_line_error, write_fake_mnist, write_idx
 from stopping import RunFailed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,15 +219,9 @@ def test_a_second_run_on_the_same_files_is_refused(data, tmp_path, capsys):
     first = Run(data, str(tmp_path / "out"))
     assert first.wait_for("training on")
     assert train.main(FLAGS + ["--data-root", data, "--out-dir", first.out, "--overwrite"]) == 2
-    err = one_line(capsys)
+    err = one_line_error(capsys)
     assert f"is being trained by process {first.proc.pid} " in err and "choose another --out-dir" in err
     assert first.proc.poll() is None  # the first run goes on
-
-
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 def last_line(capsys) -> str:
@@ -376,7 +370,7 @@ def test_damaged_data_is_one_line_naming_the_file(tmp_path, capsys, how, words):
     data = write_fake_mnist(str(tmp_path / "data"))
     damaged = damage(os.path.join(data, "MNIST", "raw"), how)
     assert train.main(TINY_TRAIN + ["--data-root", data, "--out-dir", str(tmp_path / "out")]) == 2
-    err = one_line(capsys)
+    err = one_line_error(capsys)
     assert repr(damaged) in err and words in err
     assert not os.path.exists(tmp_path / "out")
 
@@ -396,7 +390,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_unread(trained_run, tmp_pat
     ckpt = torch.load(trained_run["checkpoint"], weights_only=True)
     torch.save({**ckpt, "extra": RunsCode(marker)}, path)
     assert sample.main(["--checkpoint", path, "--out", str(tmp_path / "x.png")]) == 2
-    err = one_line(capsys)
+    err = one_line_error(capsys)
     assert "is not a checkpoint this project wrote" in err and "weights_only" not in err
     assert not os.path.exists(marker)
     torch.load(path, weights_only=False)  # the payload is real: loaded the unsafe way, it runs

@@ -17,7 +17,7 @@ import evaluate
 import sample
 import train
 from config import UsageError
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, one_line_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,12 +38,6 @@ def bundled(exported, tmp_path, monkeypatch) -> str:
     shutil.copyfile(exported, here / "pretrained" / "mnist.pt")
     monkeypatch.setattr(checkpoint, "HERE", str(here))
     return str(here / "pretrained" / "mnist.pt")
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 def test_weights_file_holds_config_and_half_precision_ema_only(trained_run, exported):
