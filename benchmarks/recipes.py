@@ -61,6 +61,9 @@ RECIPES: dict[str, list[str]] = {
     # Smaller steps at batch 32: Adam's square-root rule from the preset's 1e-3 at batch 64 gives 7e-4.
     "D-b32-lr-7e-4": [*D_B32, "--lr", "7e-4"],
     "D-b32-lr-5e-4": [*D_B32, "--lr", "5e-4"],
+    # The two lower-noise steps that tied at batch 64, at the batch whose steps are noisier.
+    "D-b32-stratified": [*D_B32, "--t-sampling", "stratified"],
+    "D-b32-adam-beta2-0.99": [*D_B32, "--adam-beta2", "0.99"],
     # Fewer of the training steps at almost pure noise (uniform t spends 42% of them at sigma > 5.4).
     "D-b32-beta-end-0.02": [*D_B32, "--beta-end", "0.02"],
     "D-b32-log-normal": [*D_B32, "--t-sampling", "log-normal"],
