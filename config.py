@@ -72,6 +72,8 @@ class ModelConfig:
                             "residual block (AdaGN, Dhariwal & Nichol 2021)")
     mid_blocks: int = setting(0, "non_negative_int", "residual blocks at the 7x7 bottleneck (2 * n_feat channels), "
                               "each conditioned on time and label like the encoder's")
+    self_cond: int = setting(0, "switch", "1: the network also reads its own estimate of the clean image from the "
+                             "step before (self-conditioning, Chen et al. 2022)")
 
 
 @dataclass(frozen=True)

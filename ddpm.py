@@ -147,6 +147,7 @@ class DDPM(nn.Module):
         self.eps_model, self.T, self.p_uncond = eps_model, T, p_uncond
         self.prediction, self.loss_weight, self.snr_gamma = prediction, loss_weight, snr_gamma
         self.t_sampling, self.snr_floor = t_sampling, snr_floor
+        self.self_cond = bool(getattr(eps_model, "self_cond", False))
         self.image_shape = (eps_model.in_channels, eps_model.image_size, eps_model.image_size)
         coefficients = self.schedule(beta_schedule(schedule, T, beta_start, beta_end))
         coefficients["t_probabilities"] = self.timestep_probabilities(
@@ -242,7 +243,8 @@ class DDPM(nn.Module):
             draws = self.draw_training_noise(x0.shape[0], tuple(x0.shape[1:]), x0.device, generator)
         t, noise, drop = draws
         labels = torch.where(drop, torch.full_like(labels, self.eps_model.null_label), labels)
-        out = self.eps_model(self.q_sample(x0, t, noise), t, labels)
+        x_t = self.q_sample(x0, t, noise)
+        out = self.eps_model(x_t, t, labels, *self.estimate_arg(self.training_estimate(x_t, t, labels)))
         target = self.target(x0, t, noise)
         if self.loss_weight == "uniform":
             return F.mse_loss(out, target)
@@ -273,13 +275,44 @@ class DDPM(nn.Module):
             weight = snr.clamp(min=self.snr_floor)
         return {"eps": weight / snr, "v": weight / (snr + 1), "x0": weight}[self.prediction]
 
-    def network_eps(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def estimate_arg(self, x0_estimate: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        """The network's extra argument: ``(x0_estimate,)`` for a self-conditioned network, else none."""
+        return (x0_estimate,) if self.self_cond else ()
+
+    def training_estimate(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """Self-conditioning's input in training (Chen et al. 2022, Sec. 3.2): for the first half of the batch the
+        network's own estimate of ``x0`` given none, without a gradient and clamped to ``[-1, 1]`` as the samplers
+        clamp it; zeros ("no estimate yet") for the rest. ``None`` without ``self_cond``.
+
+        The first half, not a coin per batch: the same cost every step, and no read-back of a random draw. The
+        batch is in shuffled order, so which images get an estimate is random.
+        """
+        if not self.self_cond:
+            return None
+        half = x_t.shape[0] // 2
+        estimate = torch.zeros_like(x_t)
+        if half:
+            with torch.no_grad():
+                estimate[:half] = self.network_x0(x_t[:half], t[:half], labels[:half]).clamp(-1.0, 1.0)
+        return estimate
+
+    def network_x0(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                   x0_estimate: torch.Tensor | None = None) -> torch.Tensor:
+        """The clean image ``(B, C, H, W)`` implied by :meth:`network_eps` at ``x_t`` (eq. 15), as the samplers
+        derive it."""
+        eps = self.network_eps(x, t, labels, x0_estimate)
+        return (x - extract(self.sqrt_one_minus_alphas_cumprod, t, x.ndim) * eps) / extract(
+            self.sqrt_alphas_cumprod, t, x.ndim)
+
+    def network_eps(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                    x0_estimate: torch.Tensor | None = None) -> torch.Tensor:
         """The network's output at ``x_t (B, C, H, W)`` as a noise estimate, whatever it predicts.
 
         From ``x_t = sqrt(a) x0 + sqrt(1 - a) eps``: ``eps = (x_t - sqrt(a) x0) / sqrt(1 - a)`` and
-        ``eps = sqrt(a) v + sqrt(1 - a) x_t``.
+        ``eps = sqrt(a) v + sqrt(1 - a) x_t``. ``x0_estimate`` reaches a self-conditioned network (zeros when
+        ``None``); any other network ignores it.
         """
-        out = self.eps_model(x, t, labels)
+        out = self.eps_model(x, t, labels, *self.estimate_arg(x0_estimate))
         if self.prediction == "eps":
             return out
         sqrt_a = extract(self.sqrt_alphas_cumprod, t, x.ndim)
@@ -301,27 +334,30 @@ class DDPM(nn.Module):
         return torch.full_like(labels, null)
 
     def guided_eps(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: float,
-                   weak: DDPM | None = None, autoguidance: float = 1.0) -> torch.Tensor:
+                   weak: DDPM | None = None, autoguidance: float = 1.0,
+                   x0_estimate: torch.Tensor | None = None) -> torch.Tensor:
         """Classifier-free guided noise estimate ``eps_u + s (eps_c - eps_u)`` with ``s = guidance``.
 
         ``labels`` are class indices ``(B,)`` or class weights ``(B, K + 1)`` (see ``unet.ContextUnet``).
         One network call: the conditional and unconditional halves share a batch.
         ``s = 1`` and ``s = 0`` need only one of them and skip the other. With a ``weak`` model and
         ``autoguidance = a != 1``, plus ``(a - 1) (eps_c - eps_weak)``, ``eps_weak`` the weak model's
-        estimate for the same labels (Karras et al. 2024).
+        estimate for the same labels (Karras et al. 2024). ``x0_estimate`` (:meth:`network_eps`) reaches every
+        call alike.
         """
         autoguided = weak is not None and autoguidance != 1.0
         if guidance == 0.0 and not autoguided:
-            return self.network_eps(x, t, self.null_labels_like(labels))
+            return self.network_eps(x, t, self.null_labels_like(labels), x0_estimate)
         if guidance == 1.0:
-            eps = eps_cond = self.network_eps(x, t, labels)
+            eps = eps_cond = self.network_eps(x, t, labels, x0_estimate)
         else:
             null = self.null_labels_like(labels)
+            both = None if x0_estimate is None else torch.cat((x0_estimate, x0_estimate))
             eps_cond, eps_uncond = self.network_eps(torch.cat((x, x)), torch.cat((t, t)),
-                                                    torch.cat((labels, null))).chunk(2)
+                                                    torch.cat((labels, null)), both).chunk(2)
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
         if autoguided:
-            eps = eps + (autoguidance - 1) * (eps_cond - weak.network_eps(x, t, labels))
+            eps = eps + (autoguidance - 1) * (eps_cond - weak.network_eps(x, t, labels, x0_estimate))
         return eps
 
     def check_weak(self, weak: DDPM) -> None:
@@ -440,7 +476,8 @@ class DDPM(nn.Module):
         differ only by label. A ``guidance`` above 1 applies only inside ``guidance_interval``
         (:meth:`guided_steps`); ``guidance <= 1`` applies at every step. ``autoguidance`` by a ``weak`` model
         (:meth:`guided_eps`) applies inside the same interval. The loop is Algorithm 2's: estimate the noise,
-        take a step, add fresh noise except on the last step.
+        take a step, add fresh noise except on the last step. A self-conditioned network reads, at each step, the
+        clean image implied by the step before's (guided) noise estimate, clamped to ``[-1, 1]``; zeros at the first.
         """
         solver = make_sampler(sampler, self, steps, eta, clip_x0)
         self.check_autoguidance(weak, autoguidance)
@@ -450,10 +487,13 @@ class DDPM(nn.Module):
         trajectory = [x.cpu()] if return_trajectory else None
         pairs = list(zip(solver.timesteps, solver.timesteps[1:] + [-1]))
         guided = self.guided_steps(guidance_interval)  # read once: a per-step read would wait for the device
+        estimate = None
         for t, t_prev in progress(pairs) if progress else pairs:
             scale = guidance if guidance <= 1 or guided[t] else 1.0
             t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            eps = self.guided_eps(x, t_batch, labels, scale, weak, autoguidance if guided[t] else 1.0)
+            eps = self.guided_eps(x, t_batch, labels, scale, weak, autoguidance if guided[t] else 1.0, estimate)
+            if self.self_cond:
+                estimate = self.predict_x0(x, eps, t)
             x = solver.step(x, eps, t, t_prev, noise() if solver.adds_noise(t_prev) else None)
             if trajectory is not None:
                 trajectory.append(x.cpu())

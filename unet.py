@@ -7,7 +7,9 @@ modulate the decoder feature maps as ``h = context_embedding * h + time_embeddin
 they modulate the two encoder blocks' inputs the same way (two more small MLPs, the same convolutions); with
 ``ada_norm`` they also scale and shift the second group norm of every residual block (AdaGN, Dhariwal & Nichol
 2021; one more small MLP, the same convolutions); ``mid_blocks`` adds residual blocks at the 7x7 bottleneck, each
-input modulated the same way.
+input modulated the same way. With ``self_cond`` the network also reads an estimate of the clean image
+(self-conditioning, Chen et al. 2022): ``eps = model(x_t, t, labels, x0_estimate)``, the estimate stacked
+onto ``x_t`` as more input channels, zeros when none is given.
 
 Conventions (the same everywhere in the project):
 
@@ -122,10 +124,12 @@ class ContextUnet(nn.Module):
         ada_norm: also scale and shift the second norm of every residual block by ``(context, time)``.
         mid_blocks: residual blocks at the bottleneck (``2 * n_feat`` channels), whose output both the pooled
             vector and the decoder's skip connection read.
+        self_cond: also read an estimate of the clean image, ``(B, C, H, W)`` like ``x_t`` (:meth:`forward`).
     """
 
     def __init__(self, in_channels: int = 1, n_feat: int = 128, n_classes: int = 10, image_size: int = 28,
-                 cond_encoder: bool = False, ada_norm: bool = False, mid_blocks: int = 0) -> None:
+                 cond_encoder: bool = False, ada_norm: bool = False, mid_blocks: int = 0,
+                 self_cond: bool = False) -> None:
         super().__init__()
         if n_feat <= 0 or n_feat % 8:
             raise ValueError(f"n_feat must be a positive multiple of 8, got {n_feat}")
@@ -134,7 +138,7 @@ class ContextUnet(nn.Module):
         if mid_blocks < 0:
             raise ValueError(f"mid_blocks must be >= 0, got {mid_blocks}")
         self.in_channels, self.n_feat, self.n_classes, self.image_size = in_channels, n_feat, n_classes, image_size
-        self.null_label = n_classes
+        self.null_label, self.self_cond = n_classes, bool(self_cond)
         bottom = image_size // 4  # side of the feature maps after two 2x poolings (7 for 28x28)
         self.build_encoder(bottom, mid_blocks)
         self.build_conditioning(bool(cond_encoder), bool(ada_norm))
@@ -142,7 +146,7 @@ class ContextUnet(nn.Module):
 
     def build_encoder(self, bottom: int, mid_blocks: int) -> None:
         n_feat = self.n_feat
-        self.init_conv = ResidualConvBlock(self.in_channels, n_feat)
+        self.init_conv = ResidualConvBlock(self.in_channels * (2 if self.self_cond else 1), n_feat)
         self.down1 = Down(n_feat, n_feat)
         self.down2 = Down(n_feat, 2 * n_feat)
         self.to_vec = nn.Sequential(nn.AvgPool2d(bottom), nn.GELU())
@@ -197,9 +201,12 @@ class ContextUnet(nn.Module):
         # elementwise, not a matmul, so that autocast keeps the blend in full precision
         return (labels.float()[:, :, None] * self.label_embedding.weight[None]).sum(1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                x0_estimate: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the noise: ``x (B, C, H, W)``, ``t (B,)`` integer in ``[0, T-1]``, ``labels`` as in
-        :meth:`embed_labels` -> ``(B, C, H, W)``."""
+        :meth:`embed_labels` -> ``(B, C, H, W)``. ``x0_estimate (B, C, H, W)`` only with ``self_cond``
+        (``None``: zeros, "no estimate yet")."""
+        x = self.stack_estimate(x, x0_estimate)
         context = self.embed_labels(labels)
         t_emb = timestep_embedding(t, self.n_feat)
         cond = torch.cat((context, t_emb), dim=1)  # what the optional encoder and norm modulations read
@@ -213,6 +220,15 @@ class ContextUnet(nn.Module):
         h = self.up1(self.context_embed1(context) * h + self.time_embed1(t_emb), d2, ss[3:5])
         h = self.up2(self.context_embed2(context) * h + self.time_embed2(t_emb), d1, ss[5:7])
         return self.out(torch.cat((h, h0), dim=1))
+
+    def stack_estimate(self, x: torch.Tensor, x0_estimate: torch.Tensor | None) -> torch.Tensor:
+        """``x_t`` with the estimate stacked on as more channels when ``self_cond``: ``(B, 2C, H, W)``."""
+        if not self.self_cond:
+            if x0_estimate is not None:
+                raise ValueError("x0_estimate needs a network built with self_cond=True")
+            return x
+        estimate = torch.zeros_like(x) if x0_estimate is None else x0_estimate.to(x.dtype)
+        return torch.cat((x, estimate), dim=1)
 
     def middle(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The bottleneck blocks: ``h (B, 2 * n_feat, H/4, W/4)`` -> the same shape (``h`` itself without them)."""

@@ -110,6 +110,10 @@ RECIPES: dict[str, list[str]] = {
     # Conditioned residual blocks at the 7x7 bottleneck, which the seed's network skips (pooled straight to a vector).
     "D-mid-2": [*D, "--mid-blocks", "2"],
     "D-mid-4": [*D, "--mid-blocks", "4"],
+    # Self-conditioning (Chen et al. 2022): the network also reads its own estimate of the clean image; half of
+    # each batch pays one more forward pass for it.
+    "D-b32-self-cond": [*D_B32, "--self-cond", "1"],
+    "D-self-cond": [*D, "--self-cond", "1"],
 }
 ROW = re.compile(r"^\| (?P<name>[^|]+) \| (?P<guidance>[^|]+) \| (?P<n>\d+) \| (?P<acc>[\d.]+)% \| (?P<fid>[\d.]+) \| "
                  r"(?P<precision>[\d.]+) \| (?P<recall>[\d.]+) \|")

@@ -69,7 +69,7 @@ def test_dict_round_trip_and_version_1_flat_dict():
     old = Config.from_dict(V1_CONFIG)
     assert old.diffusion.T == 8 and old.model.n_feat == 8 and old.training.grid_steps == 8
     # settings that came later take the values that reproduce what the old code did
-    later = {"image_size": 28, "cond_encoder": 0, "ada_norm": 0, "mid_blocks": 0, "schedule": "linear",
+    later = {"image_size": 28, "cond_encoder": 0, "ada_norm": 0, "mid_blocks": 0, "self_cond": 0, "schedule": "linear",
              "prediction": "eps", "lr_schedule": "epoch-linear", "warmup": 0, "loss_weight": "uniform",
              "snr_gamma": 5.0, "t_sampling": "uniform", "log_sigma_mean": -1.2, "log_sigma_std": 1.2,
              "snr_floor": 1.0, "adam_beta2": 0.999, "grad_clip": 0.0}

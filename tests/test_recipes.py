@@ -9,7 +9,7 @@ import torch
 
 from checkpoint import build_ddpm
 from config import PRESETS, Config, UsageError
-from ddpm import DDPM, SAMPLERS, cosine_beta_schedule
+from ddpm import DDPM, SAMPLERS, cosine_beta_schedule, make_sampler
 from distributed import SINGLE
 from speed import PLAIN
 from training import build_state, learning_rate, train_step
@@ -252,6 +252,77 @@ def test_mid_blocks_add_conditioned_blocks_at_the_bottleneck():
         Config().override(mid_blocks=-1).validate()
     with pytest.raises(ValueError, match="mid_blocks"):
         ContextUnet(1, 16, 10, mid_blocks=-1)
+
+
+class Recorder(torch.nn.Module):
+    """A self-conditioned network that answers a fixed ``v`` and records the estimate of ``x0`` it was given."""
+
+    in_channels, image_size, null_label, self_cond = 1, 28, 10, True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.estimates: list[torch.Tensor | None] = []
+
+    def forward(self, x, t, labels, x0_estimate=None):
+        self.estimates.append(None if x0_estimate is None else x0_estimate.clone())
+        return torch.full_like(x, 0.3)
+
+
+def test_self_conditioning_feeds_back_the_step_befores_estimate():
+    ddpm = DDPM(Recorder(), T=50, beta_start=1e-3, beta_end=0.2, prediction="v").eval()
+    assert ddpm.self_cond
+    timesteps = make_sampler("ddim", ddpm, steps=4).timesteps
+    x, states = ddpm.sample(torch.arange(2), guidance=1.0, generator=torch.Generator().manual_seed(0),
+                            sampler="ddim", steps=4, eta=0.0, return_trajectory=True)
+    given = ddpm.eps_model.estimates
+    assert len(given) == 4 and given[0] is None  # no estimate yet: the network reads zeros
+    for i in range(1, 4):  # then the clean image implied by the step before, clamped as the sampler clamps it
+        t = timesteps[i - 1]
+        expected = ddpm.alphas_cumprod[t].sqrt() * states[i - 1] - (1 - ddpm.alphas_cumprod[t]).sqrt() * 0.3
+        torch.testing.assert_close(given[i], expected.clamp(-1, 1))
+
+
+def test_self_conditioning_trains_half_of_each_batch_on_its_own_estimate():
+    torch.manual_seed(0)
+    ddpm = DDPM(ContextUnet(1, 8, 10, self_cond=True), T=50, beta_start=1e-3, beta_end=0.2, prediction="v")
+    x0, labels = torch.rand(4, 1, 28, 28) * 2 - 1, torch.tensor([0, 1, 2, 3])
+    draws = ddpm.draw_training_noise(4, (1, 28, 28), torch.device("cpu"), torch.Generator().manual_seed(0))
+    t, noise, drop = draws
+    x_t = ddpm.q_sample(x0, t, noise)
+    labels_in = torch.where(drop, torch.full_like(labels, 10), labels)
+    with torch.no_grad():
+        first = ddpm.network_x0(x_t[:2], t[:2], labels_in[:2]).clamp(-1, 1)
+    estimate = torch.cat((first, torch.zeros(2, 1, 28, 28)))
+    expected = torch.nn.functional.mse_loss(ddpm.eps_model(x_t, t, labels_in, estimate), ddpm.target(x0, t, noise))
+    loss = ddpm.loss(x0, labels, draws=draws)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert all(p.grad is not None for p in ddpm.eps_model.parameters())
+    assert ddpm.loss(x0[:1], labels[:1], torch.Generator().manual_seed(0)).isfinite()  # a batch of one: zeros only
+
+
+def test_self_conditioning_is_a_setting_that_reads_an_estimate():
+    plain, sc = ContextUnet(1, 16, 10), ContextUnet(1, 16, 10, self_cond=True)
+    assert set(plain.state_dict()) == set(sc.state_dict())  # one more input channel, no more modules
+    assert sc.init_conv.conv1[0].in_channels == 2 and plain.init_conv.conv1[0].in_channels == 1
+    x, t, labels = torch.randn(2, 1, 28, 28), torch.tensor([3, 7]), torch.tensor([1, 10])
+    torch.testing.assert_close(sc(x, t, labels), sc(x, t, labels, torch.zeros_like(x)), rtol=0, atol=0)
+    assert not torch.allclose(sc(x, t, labels), sc(x, t, labels, torch.ones_like(x)))
+    with pytest.raises(ValueError, match="self_cond"):
+        plain(x, t, labels, torch.zeros_like(x))
+    config = PRESETS["cpu"].override(n_feat=16, prediction="v", self_cond=1)
+    assert Config.from_dict(config.to_dict()) == config and build_ddpm(config).self_cond
+    assert not build_ddpm(PRESETS["cpu"].override(n_feat=16)).self_cond
+    with pytest.raises(UsageError, match="--self-cond must be 0 or 1"):
+        Config().override(self_cond=2).validate()
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_runs_a_self_conditioned_network(sampler):
+    torch.manual_seed(0)
+    ddpm = DDPM(ContextUnet(1, 8, 10, self_cond=True), T=50, beta_start=1e-3, beta_end=0.2, prediction="v").eval()
+    x = ddpm.sample(torch.arange(3), generator=torch.Generator().manual_seed(0), sampler=sampler)
+    assert x.shape == (3, 1, 28, 28) and torch.isfinite(x).all()
 
 
 def test_guidance_interval():
