@@ -293,16 +293,16 @@ class DDPM(nn.Module):
         estimate = torch.zeros_like(x_t)
         if half:
             with torch.no_grad():
-                estimate[:half] = self.network_x0(x_t[:half], t[:half], labels[:half]).clamp(-1.0, 1.0)
+                x, t_half = x_t[:half], t[:half]
+                estimate[:half] = self.clean_estimate(x, self.network_eps(x, t_half, labels[:half]), t_half)
         return estimate
 
-    def network_x0(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
-                   x0_estimate: torch.Tensor | None = None) -> torch.Tensor:
-        """The clean image ``(B, C, H, W)`` implied by :meth:`network_eps` at ``x_t`` (eq. 15), as the samplers
-        derive it."""
-        eps = self.network_eps(x, t, labels, x0_estimate)
-        return (x - extract(self.sqrt_one_minus_alphas_cumprod, t, x.ndim) * eps) / extract(
+    def clean_estimate(self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean image implied by a noise estimate at per-image steps ``t (B,)`` (eq. 15), clamped to
+        ``[-1, 1]`` as the samplers clamp it: what a self-conditioned network reads."""
+        x0 = (x - extract(self.sqrt_one_minus_alphas_cumprod, t, x.ndim) * eps) / extract(
             self.sqrt_alphas_cumprod, t, x.ndim)
+        return x0.clamp(-1.0, 1.0)
 
     def network_eps(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
                     x0_estimate: torch.Tensor | None = None) -> torch.Tensor:
@@ -335,29 +335,43 @@ class DDPM(nn.Module):
 
     def guided_eps(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: float,
                    weak: DDPM | None = None, autoguidance: float = 1.0,
-                   x0_estimate: torch.Tensor | None = None) -> torch.Tensor:
+                   estimates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Classifier-free guided noise estimate ``eps_u + s (eps_c - eps_u)`` with ``s = guidance``.
 
         ``labels`` are class indices ``(B,)`` or class weights ``(B, K + 1)`` (see ``unet.ContextUnet``).
         One network call: the conditional and unconditional halves share a batch.
         ``s = 1`` and ``s = 0`` need only one of them and skip the other. With a ``weak`` model and
         ``autoguidance = a != 1``, plus ``(a - 1) (eps_c - eps_weak)``, ``eps_weak`` the weak model's
-        estimate for the same labels (Karras et al. 2024). ``x0_estimate`` (:meth:`network_eps`) reaches every
-        call alike.
+        estimate for the same labels (Karras et al. 2024). ``estimates``: self-conditioning's state
+        (:meth:`branch_eps`); a self-conditioned weak model reads zeros.
         """
         autoguided = weak is not None and autoguidance != 1.0
         if guidance == 0.0 and not autoguided:
-            return self.network_eps(x, t, self.null_labels_like(labels), x0_estimate)
+            return self.branch_eps(x, t, self.null_labels_like(labels), estimates, ("uncond",))
         if guidance == 1.0:
-            eps = eps_cond = self.network_eps(x, t, labels, x0_estimate)
+            eps = eps_cond = self.branch_eps(x, t, labels, estimates, ("cond",))
         else:
             null = self.null_labels_like(labels)
-            both = None if x0_estimate is None else torch.cat((x0_estimate, x0_estimate))
-            eps_cond, eps_uncond = self.network_eps(torch.cat((x, x)), torch.cat((t, t)),
-                                                    torch.cat((labels, null)), both).chunk(2)
+            eps_cond, eps_uncond = self.branch_eps(torch.cat((x, x)), torch.cat((t, t)), torch.cat((labels, null)),
+                                                   estimates, ("cond", "uncond")).chunk(2)
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
         if autoguided:
-            eps = eps + (autoguidance - 1) * (eps_cond - weak.network_eps(x, t, labels, x0_estimate))
+            eps = eps + (autoguidance - 1) * (eps_cond - weak.network_eps(x, t, labels))
+        return eps
+
+    def branch_eps(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                   estimates: dict[str, torch.Tensor] | None, branches: tuple[str, ...]) -> torch.Tensor:
+        """:meth:`network_eps` for a batch of ``len(branches)`` equal parts, one per guidance branch (``"cond"``,
+        ``"uncond"``). For a self-conditioned network, part ``i`` reads ``estimates[branches[i]]`` (zeros if it
+        has none yet) and leaves there the clean image its own noise estimate implies, clamped to ``[-1, 1]``:
+        each branch reads its own estimate, as in training, where a dropped label's estimate was made without it.
+        """
+        if estimates is None or not self.self_cond:
+            return self.network_eps(x, t, labels)
+        parts = x.chunk(len(branches))
+        given = torch.cat([estimates.get(name, torch.zeros_like(part)) for name, part in zip(branches, parts)])
+        eps = self.network_eps(x, t, labels, given)
+        estimates.update(zip(branches, self.clean_estimate(x, eps, t).chunk(len(branches))))
         return eps
 
     def check_weak(self, weak: DDPM) -> None:
@@ -477,7 +491,8 @@ class DDPM(nn.Module):
         (:meth:`guided_steps`); ``guidance <= 1`` applies at every step. ``autoguidance`` by a ``weak`` model
         (:meth:`guided_eps`) applies inside the same interval. The loop is Algorithm 2's: estimate the noise,
         take a step, add fresh noise except on the last step. A self-conditioned network reads, at each step, the
-        clean image implied by the step before's (guided) noise estimate, clamped to ``[-1, 1]``; zeros at the first.
+        clean image that its own estimate for the same guidance branch implied at the last step that asked it
+        (:meth:`branch_eps`); zeros before that.
         """
         solver = make_sampler(sampler, self, steps, eta, clip_x0)
         self.check_autoguidance(weak, autoguidance)
@@ -487,13 +502,11 @@ class DDPM(nn.Module):
         trajectory = [x.cpu()] if return_trajectory else None
         pairs = list(zip(solver.timesteps, solver.timesteps[1:] + [-1]))
         guided = self.guided_steps(guidance_interval)  # read once: a per-step read would wait for the device
-        estimate = None
+        estimates: dict[str, torch.Tensor] | None = {} if self.self_cond else None
         for t, t_prev in progress(pairs) if progress else pairs:
             scale = guidance if guidance <= 1 or guided[t] else 1.0
             t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            eps = self.guided_eps(x, t_batch, labels, scale, weak, autoguidance if guided[t] else 1.0, estimate)
-            if self.self_cond:
-                estimate = self.predict_x0(x, eps, t)
+            eps = self.guided_eps(x, t_batch, labels, scale, weak, autoguidance if guided[t] else 1.0, estimates)
             x = solver.step(x, eps, t, t_prev, noise() if solver.adds_noise(t_prev) else None)
             if trajectory is not None:
                 trajectory.append(x.cpu())

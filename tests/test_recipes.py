@@ -255,31 +255,32 @@ def test_mid_blocks_add_conditioned_blocks_at_the_bottleneck():
 
 
 class Recorder(torch.nn.Module):
-    """A self-conditioned network that answers a fixed ``v`` and records the estimate of ``x0`` it was given."""
+    """A self-conditioned network that answers ``v = 0.3`` for a label, 0.5 for "no label", and records the
+    estimate of ``x0`` it was given."""
 
     in_channels, image_size, null_label, self_cond = 1, 28, 10, True
 
     def __init__(self) -> None:
         super().__init__()
-        self.estimates: list[torch.Tensor | None] = []
+        self.estimates: list[torch.Tensor] = []
 
-    def forward(self, x, t, labels, x0_estimate=None):
-        self.estimates.append(None if x0_estimate is None else x0_estimate.clone())
-        return torch.full_like(x, 0.3)
+    def forward(self, x, t, labels, x0_estimate):
+        self.estimates.append(x0_estimate.clone())
+        return (0.3 + 0.2 * (labels == 10).float()).reshape(-1, 1, 1, 1).expand_as(x)
 
 
-def test_self_conditioning_feeds_back_the_step_befores_estimate():
+def test_self_conditioning_feeds_each_guidance_branch_its_own_estimate():
     ddpm = DDPM(Recorder(), T=50, beta_start=1e-3, beta_end=0.2, prediction="v").eval()
     assert ddpm.self_cond
     timesteps = make_sampler("ddim", ddpm, steps=4).timesteps
-    x, states = ddpm.sample(torch.arange(2), guidance=1.0, generator=torch.Generator().manual_seed(0),
-                            sampler="ddim", steps=4, eta=0.0, return_trajectory=True)
+    _, states = ddpm.sample(torch.arange(2), guidance=2.0, generator=torch.Generator().manual_seed(0),
+                            sampler="ddim", steps=4, eta=0.0, return_trajectory=True, guidance_interval=None)
     given = ddpm.eps_model.estimates
-    assert len(given) == 4 and given[0] is None  # no estimate yet: the network reads zeros
-    for i in range(1, 4):  # then the clean image implied by the step before, clamped as the sampler clamps it
-        t = timesteps[i - 1]
-        expected = ddpm.alphas_cumprod[t].sqrt() * states[i - 1] - (1 - ddpm.alphas_cumprod[t]).sqrt() * 0.3
-        torch.testing.assert_close(given[i], expected.clamp(-1, 1))
+    assert len(given) == 4 and given[0].shape == (4, 1, 28, 28) and not given[0].any()  # zeros: none yet
+    for i in range(1, 4):  # then each branch's own clean image at the step before, clamped as the samplers clamp
+        a = ddpm.alphas_cumprod[timesteps[i - 1]]
+        for branch, v in zip(given[i].chunk(2), (0.3, 0.5)):  # the labelled half, then the "no label" half
+            torch.testing.assert_close(branch, (a.sqrt() * states[i - 1] - (1 - a).sqrt() * v).clamp(-1, 1))
 
 
 def test_self_conditioning_trains_half_of_each_batch_on_its_own_estimate():
@@ -291,7 +292,8 @@ def test_self_conditioning_trains_half_of_each_batch_on_its_own_estimate():
     x_t = ddpm.q_sample(x0, t, noise)
     labels_in = torch.where(drop, torch.full_like(labels, 10), labels)
     with torch.no_grad():
-        first = ddpm.network_x0(x_t[:2], t[:2], labels_in[:2]).clamp(-1, 1)
+        a = ddpm.alphas_cumprod[t[:2]].reshape(-1, 1, 1, 1)
+        first = (a.sqrt() * x_t[:2] - (1 - a).sqrt() * ddpm.eps_model(x_t[:2], t[:2], labels_in[:2])).clamp(-1, 1)
     estimate = torch.cat((first, torch.zeros(2, 1, 28, 28)))
     expected = torch.nn.functional.mse_loss(ddpm.eps_model(x_t, t, labels_in, estimate), ddpm.target(x0, t, noise))
     loss = ddpm.loss(x0, labels, draws=draws)
