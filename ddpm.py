@@ -244,7 +244,7 @@ class DDPM(nn.Module):
         t, noise, drop = draws
         labels = torch.where(drop, torch.full_like(labels, self.eps_model.null_label), labels)
         x_t = self.q_sample(x0, t, noise)
-        out = self.eps_model(x_t, t, labels, *self.estimate_arg(self.training_estimate(x_t, t, labels)))
+        out = self.network(x_t, t, labels, self.training_estimate(x_t, t, labels))
         target = self.target(x0, t, noise)
         if self.loss_weight == "uniform":
             return F.mse_loss(out, target)
@@ -275,9 +275,10 @@ class DDPM(nn.Module):
             weight = snr.clamp(min=self.snr_floor)
         return {"eps": weight / snr, "v": weight / (snr + 1), "x0": weight}[self.prediction]
 
-    def estimate_arg(self, x0_estimate: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        """The network's extra argument: ``(x0_estimate,)`` for a self-conditioned network, else none."""
-        return (x0_estimate,) if self.self_cond else ()
+    def network(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                x0_estimate: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's own output at ``x_t``; ``x0_estimate`` reaches only a self-conditioned network."""
+        return self.eps_model(x, t, labels, x0_estimate) if self.self_cond else self.eps_model(x, t, labels)
 
     def training_estimate(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         """Self-conditioning's input in training (Chen et al. 2022, Sec. 3.2): for the first half of the batch the
@@ -294,15 +295,8 @@ class DDPM(nn.Module):
         if half:
             with torch.no_grad():
                 x, t_half = x_t[:half], t[:half]
-                estimate[:half] = self.clean_estimate(x, self.network_eps(x, t_half, labels[:half]), t_half)
+                estimate[:half] = self.predict_x0(x, self.network_eps(x, t_half, labels[:half]), t_half)
         return estimate
-
-    def clean_estimate(self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The clean image implied by a noise estimate at per-image steps ``t (B,)`` (eq. 15), clamped to
-        ``[-1, 1]`` as the samplers clamp it: what a self-conditioned network reads."""
-        x0 = (x - extract(self.sqrt_one_minus_alphas_cumprod, t, x.ndim) * eps) / extract(
-            self.sqrt_alphas_cumprod, t, x.ndim)
-        return x0.clamp(-1.0, 1.0)
 
     def network_eps(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
                     x0_estimate: torch.Tensor | None = None) -> torch.Tensor:
@@ -312,7 +306,7 @@ class DDPM(nn.Module):
         ``eps = sqrt(a) v + sqrt(1 - a) x_t``. ``x0_estimate`` reaches a self-conditioned network (zeros when
         ``None``); any other network ignores it.
         """
-        out = self.eps_model(x, t, labels, *self.estimate_arg(x0_estimate))
+        out = self.network(x, t, labels, x0_estimate)
         if self.prediction == "eps":
             return out
         sqrt_a = extract(self.sqrt_alphas_cumprod, t, x.ndim)
@@ -366,12 +360,13 @@ class DDPM(nn.Module):
         has none yet) and leaves there the clean image its own noise estimate implies, clamped to ``[-1, 1]``:
         each branch reads its own estimate, as in training, where a dropped label's estimate was made without it.
         """
-        if estimates is None or not self.self_cond:
+        if not self.self_cond or estimates is None:
             return self.network_eps(x, t, labels)
         parts = x.chunk(len(branches))
-        given = torch.cat([estimates.get(name, torch.zeros_like(part)) for name, part in zip(branches, parts)])
+        given = torch.cat([estimates[name] if name in estimates else torch.zeros_like(part)
+                           for name, part in zip(branches, parts)])
         eps = self.network_eps(x, t, labels, given)
-        estimates.update(zip(branches, self.clean_estimate(x, eps, t).chunk(len(branches))))
+        estimates.update(zip(branches, self.predict_x0(x, eps, t).chunk(len(branches))))
         return eps
 
     def check_weak(self, weak: DDPM) -> None:
@@ -412,14 +407,20 @@ class DDPM(nn.Module):
             timesteps[i] = min(timesteps[i], self.T - steps + i)
         return timesteps[::-1]
 
-    def predict_x0(self, x: torch.Tensor, eps: torch.Tensor, t: int, clip_x0: bool = True) -> torch.Tensor:
+    def predict_x0(self, x: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor,
+                   clip_x0: bool = True) -> torch.Tensor:
         """The clean image implied by a noise estimate (eq. 15): ``(x_t - sqrt(1 - a_bar) eps) / sqrt(a_bar)``.
 
-        ``clip_x0`` clamps it to the data range ``[-1, 1]``, as the reference implementations do: at high
-        noise ``1 / sqrt(a_bar)`` magnifies small errors in eps, and a deterministic sampler never washes
-        them out.
+        ``t`` is one step for the whole batch, or one per image ``(B,)``. ``clip_x0`` clamps the result to the
+        data range ``[-1, 1]``, as the reference implementations do: at high noise ``1 / sqrt(a_bar)``
+        magnifies small errors in eps, and a deterministic sampler never washes them out.
         """
-        x0 = (x - self.sqrt_one_minus_alphas_cumprod[t] * eps) / self.sqrt_alphas_cumprod[t]
+        sqrt_1ma, sqrt_a = self.sqrt_one_minus_alphas_cumprod, self.sqrt_alphas_cumprod
+        if torch.is_tensor(t):
+            sqrt_1ma, sqrt_a = extract(sqrt_1ma, t, x.ndim), extract(sqrt_a, t, x.ndim)
+        else:
+            sqrt_1ma, sqrt_a = sqrt_1ma[t], sqrt_a[t]
+        x0 = (x - sqrt_1ma * eps) / sqrt_a
         return x0.clamp(-1.0, 1.0) if clip_x0 else x0
 
     def posterior_step(self, x: torch.Tensor, eps: torch.Tensor, t: int, z: torch.Tensor | None) -> torch.Tensor:
@@ -502,7 +503,7 @@ class DDPM(nn.Module):
         trajectory = [x.cpu()] if return_trajectory else None
         pairs = list(zip(solver.timesteps, solver.timesteps[1:] + [-1]))
         guided = self.guided_steps(guidance_interval)  # read once: a per-step read would wait for the device
-        estimates: dict[str, torch.Tensor] | None = {} if self.self_cond else None
+        estimates: dict[str, torch.Tensor] = {}  # self-conditioning's, per guidance branch (branch_eps)
         for t, t_prev in progress(pairs) if progress else pairs:
             scale = guidance if guidance <= 1 or guided[t] else 1.0
             t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
