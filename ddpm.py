@@ -44,7 +44,7 @@ from torch import nn
 
 # The sampler used when none is asked for: a name in SAMPLERS (below). Why this one: docs/quality.md.
 DEFAULT_SAMPLER = "dpm++"
-# Noise levels sigma at which a guidance above 1 applies by default (None: every step); see DDPM.sample.
+# Noise levels sigma at which a guidance above 1 applies by default (None: every step); see DDPM.step_eps.
 # The interval of Kynkaanniemi et al. 2024; why it is the default: docs/quality.md.
 DEFAULT_GUIDANCE_INTERVAL: tuple[float, float] | None = (0.28, 5.42)
 
@@ -465,22 +465,13 @@ class DDPM(nn.Module):
         return x0 + (x0 - x0_before) / (2 * r)
 
     @torch.inference_mode()
-    def sample(
-        self,
-        labels: torch.Tensor,
-        guidance: float = 2.0,
-        generator: torch.Generator | None = None,
-        return_trajectory: bool = False,
-        progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
-        sampler: str = DEFAULT_SAMPLER,
-        steps: int | None = None,
-        eta: float | None = None,
-        clip_x0: bool = True,
-        shared_noise: bool = False,
-        guidance_interval: tuple[float, float] | None = DEFAULT_GUIDANCE_INTERVAL,
-        weak: DDPM | None = None,
-        autoguidance: float = 1.0,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, labels: torch.Tensor, guidance: float = 2.0, generator: torch.Generator | None = None,
+               return_trajectory: bool = False, progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+               sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float | None = None,
+               clip_x0: bool = True, shared_noise: bool = False,
+               guidance_interval: tuple[float, float] | None = DEFAULT_GUIDANCE_INTERVAL,
+               weak: DDPM | None = None, autoguidance: float = 1.0,
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Generate images for any labels ``(B,)`` (or class weights ``(B, K + 1)``) with a registered sampler.
 
         ``sampler`` names a class in :data:`SAMPLERS`; ``steps`` and ``eta`` left ``None`` take its defaults.
@@ -488,30 +479,37 @@ class DDPM(nn.Module):
         ``[-1, 1]`` (not clipped); with ``return_trajectory`` also every state from ``x_T`` to ``x_0`` as
         ``(S + 1, B, C, H, W)`` on the CPU. ``progress`` may wrap the step iterator (e.g. ``tqdm``).
         ``shared_noise`` gives every image the same noise at the start and at every step, so that the images
-        differ only by label. A ``guidance`` above 1 applies only inside ``guidance_interval``
-        (:meth:`guided_steps`); ``guidance <= 1`` applies at every step. ``autoguidance`` by a ``weak`` model
-        (:meth:`guided_eps`) applies inside the same interval. The loop is Algorithm 2's: estimate the noise,
-        take a step, add fresh noise except on the last step. A self-conditioned network reads, at each step, the
-        clean image that its own estimate for the same guidance branch implied at the last step that asked it
-        (:meth:`branch_eps`); zeros before that.
+        differ only by label. Where guidance applies: :meth:`step_eps`. The loop is Algorithm 2's: estimate
+        the noise, take a step, add fresh noise except on the last step.
         """
         solver = make_sampler(sampler, self, steps, eta, clip_x0)
         self.check_autoguidance(weak, autoguidance)
-        shape = (labels.shape[0], *self.image_shape)
-        noise = functools.partial(_noise, shape, labels.device, generator, shared_noise)
+        noise = functools.partial(_noise, (labels.shape[0], *self.image_shape), labels.device, generator,
+                                  shared_noise)
         x = noise()
         trajectory = [x.cpu()] if return_trajectory else None
         pairs = list(zip(solver.timesteps, solver.timesteps[1:] + [-1]))
         guided = self.guided_steps(guidance_interval)  # read once: a per-step read would wait for the device
         estimates: dict[str, torch.Tensor] = {}  # self-conditioning's, per guidance branch (branch_eps)
         for t, t_prev in progress(pairs) if progress else pairs:
-            scale = guidance if guidance <= 1 or guided[t] else 1.0
-            t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            eps = self.guided_eps(x, t_batch, labels, scale, weak, autoguidance if guided[t] else 1.0, estimates)
+            eps = self.step_eps(x, t, labels, guidance, guided[t], weak, autoguidance, estimates)
             x = solver.step(x, eps, t, t_prev, noise() if solver.adds_noise(t_prev) else None)
             if trajectory is not None:
                 trajectory.append(x.cpu())
         return (x, torch.stack(trajectory)) if trajectory is not None else x
+
+    def step_eps(self, x: torch.Tensor, t: int, labels: torch.Tensor, guidance: float, guided: bool,
+                 weak: DDPM | None, autoguidance: float, estimates: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`guided_eps` at sampling step ``t`` for the whole batch ``x (B, C, H, W)``.
+
+        A ``guidance`` above 1, and ``autoguidance`` by a ``weak`` model, apply only at a ``guided`` step (one
+        inside the guidance interval, :meth:`guided_steps`); ``guidance <= 1`` applies at every step.
+        ``estimates`` carries a self-conditioned network's clean-image estimates from step to step
+        (:meth:`branch_eps`).
+        """
+        scale = guidance if guidance <= 1 or guided else 1.0
+        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        return self.guided_eps(x, t_batch, labels, scale, weak, autoguidance if guided else 1.0, estimates)
 
     def guided_steps(self, interval: tuple[float, float] | None) -> list[bool]:
         """For each timestep, whether its noise level lies in the guidance ``interval = (lo, hi)``: ``lo < sigma_t

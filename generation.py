@@ -29,7 +29,7 @@ def describe_interval(interval: tuple[float, float] | None) -> str:
 class Sampling:
     """How to draw. ``steps`` and ``eta`` left ``None`` take the sampler's own defaults (:meth:`resolve`).
 
-    ``guidance_interval``: the noise levels at which ``guidance`` applies (``None``: all; ``DDPM.sample``).
+    ``guidance_interval``: the noise levels at which ``guidance`` applies (``None``: all; ``DDPM.step_eps``).
     ``autoguidance``: the scale ``a`` of the guidance by a weaker model (1: off; ``DDPM.guided_eps``); the
     weak model itself is an argument of :func:`generate`.
     """
