@@ -484,8 +484,8 @@ class DDPM(nn.Module):
         """
         solver = make_sampler(sampler, self, steps, eta, clip_x0)
         self.check_autoguidance(weak, autoguidance)
-        noise = functools.partial(_noise, (labels.shape[0], *self.image_shape), labels.device, generator,
-                                  shared_noise)
+        shape = (labels.shape[0], *self.image_shape)
+        noise = functools.partial(_noise, shape, labels.device, generator, shared_noise)
         x = noise()
         trajectory = [x.cpu()] if return_trajectory else None
         pairs = list(zip(solver.timesteps, solver.timesteps[1:] + [-1]))
