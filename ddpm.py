@@ -465,13 +465,22 @@ class DDPM(nn.Module):
         return x0 + (x0 - x0_before) / (2 * r)
 
     @torch.inference_mode()
-    def sample(self, labels: torch.Tensor, guidance: float = 2.0, generator: torch.Generator | None = None,
-               return_trajectory: bool = False, progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
-               sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float | None = None,
-               clip_x0: bool = True, shared_noise: bool = False,
-               guidance_interval: tuple[float, float] | None = DEFAULT_GUIDANCE_INTERVAL,
-               weak: DDPM | None = None, autoguidance: float = 1.0,
-               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self,
+        labels: torch.Tensor,
+        guidance: float = 2.0,
+        generator: torch.Generator | None = None,
+        return_trajectory: bool = False,
+        progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+        sampler: str = DEFAULT_SAMPLER,
+        steps: int | None = None,
+        eta: float | None = None,
+        clip_x0: bool = True,
+        shared_noise: bool = False,
+        guidance_interval: tuple[float, float] | None = DEFAULT_GUIDANCE_INTERVAL,
+        weak: DDPM | None = None,
+        autoguidance: float = 1.0,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Generate images for any labels ``(B,)`` (or class weights ``(B, K + 1)``) with a registered sampler.
 
         ``sampler`` names a class in :data:`SAMPLERS`; ``steps`` and ``eta`` left ``None`` take its defaults.
