@@ -57,7 +57,8 @@ def build_ddpm(config: Config, network: torch.nn.Module | None = None) -> DDPM:
         network = ContextUnet(m.in_channels, m.n_feat, m.n_classes, m.image_size, bool(m.cond_encoder),
                               bool(m.ada_norm), m.mid_blocks, bool(m.self_cond))
     return DDPM(network, d.T, d.beta_start, d.beta_end, t.p_uncond, d.schedule, d.prediction, t.loss_weight,
-                t.snr_gamma, t.t_sampling, t.log_sigma_mean, t.log_sigma_std, t.snr_floor)
+                t.snr_gamma, t.t_sampling, t.log_sigma_mean, t.log_sigma_std, t.snr_floor, t.noise_pairing,
+                t.noise_candidates)
 
 
 def save_checkpoint(path: str, config: Config, **fields: Any) -> None:

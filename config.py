@@ -16,7 +16,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable
 
-from ddpm import BETA_SCHEDULES, LOSS_WEIGHTS, PREDICTIONS, T_SAMPLINGS
+from ddpm import BETA_SCHEDULES, LOSS_WEIGHTS, NOISE_PAIRINGS, PREDICTIONS, T_SAMPLINGS
 
 
 class UsageError(Exception):
@@ -41,6 +41,7 @@ RULES: dict[str, tuple[Callable[[str], Any], Callable[[Any], bool], str]] = {
     "schedule": choice(BETA_SCHEDULES),
     "loss_weight": choice(LOSS_WEIGHTS),
     "t_sampling": choice(T_SAMPLINGS),
+    "noise_pairing": choice(NOISE_PAIRINGS),
     "float": (float, lambda v: math.isfinite(v), "a number"),
     "lr_schedule": choice(("epoch-linear", "cosine")),
 }
@@ -114,6 +115,11 @@ class TrainConfig:
     log_sigma_mean: float = setting(-1.2, "float", "mean of log sigma under --t-sampling log-normal")
     log_sigma_std: float = setting(1.2, "positive_float", "standard deviation of log sigma under --t-sampling "
                                    "log-normal")
+    noise_pairing: str = setting("random", "noise_pairing", "which noise each training image is diffused with: "
+                                 "random (Ho et al.), assign: the batch's draws, each given to a near image, or "
+                                 "knn: the nearest of --noise-candidates draws (immiscible diffusion, Li et al. "
+                                 "2024, 2025)")
+    noise_candidates: int = setting(64, "positive_int", "draws per image under --noise-pairing knn")
     p_uncond: float = setting(0.1, "non_negative_float", "probability of dropping a label (classifier-free guidance)")
     ema_decay: float = setting(0.995, "non_negative_float", "EMA decay of the sampling weights")
     seed: int = setting(0, "int", "random seed (weights, data order, noise)")

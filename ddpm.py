@@ -67,6 +67,7 @@ BETA_SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v", "x0")
 LOSS_WEIGHTS = ("uniform", "min-snr", "truncated-snr")
 T_SAMPLINGS = ("uniform", "log-normal", "stratified")
+NOISE_PAIRINGS = ("random", "assign", "knn")
 
 
 def beta_schedule(kind: str, T: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -97,6 +98,18 @@ def _noise(shape: tuple[int, ...], device: torch.device, generator: torch.Genera
     return _randn(shape, device, generator)
 
 
+def greedy_assignment(cost: torch.Tensor) -> torch.Tensor:
+    """For a square ``cost (B, B)``, ``column (B,)``: row ``i`` gets column ``column[i]``, each column once,
+    the cheapest remaining pair taken first (greedy; an optimal assignment can be cheaper in total)."""
+    cost, n = cost.clone(), cost.shape[0]
+    column = torch.empty(n, dtype=torch.long, device=cost.device)
+    for _ in range(n):
+        i, j = divmod(int(cost.argmin()), n)
+        column[i] = j
+        cost[i, :], cost[:, j] = math.inf, math.inf
+    return column
+
+
 class DDPM(nn.Module):
     """Wraps a network ``eps_model(x_t, t, labels)`` with the DDPM process.
 
@@ -116,6 +129,9 @@ class DDPM(nn.Module):
             levels of EDM (Karras et al. 2022): ``log sigma ~ N(log_sigma_mean, log_sigma_std^2)``, see
             :meth:`timestep_probabilities`, or ``"stratified"``: uniform, but one draw in each ``1/B`` of
             ``[0, T)`` per batch (the low-discrepancy sampler of Kingma et al. 2021), see :meth:`stratified_t`.
+        noise_pairing: which noise draw each training image gets: ``"random"`` (Algorithm 1), ``"assign"`` (the
+            batch's draws, each given to a near image) or ``"knn"`` (the nearest of ``noise_candidates`` draws
+            of its own), the two forms of immiscible diffusion (Li et al. 2024, 2025); see :meth:`pair_noise`.
     """
 
     def __init__(
@@ -133,6 +149,8 @@ class DDPM(nn.Module):
         log_sigma_mean: float = -1.2,
         log_sigma_std: float = 1.2,
         snr_floor: float = 1.0,
+        noise_pairing: str = "random",
+        noise_candidates: int = 64,
     ) -> None:
         super().__init__()
         if T < 1:
@@ -141,12 +159,14 @@ class DDPM(nn.Module):
             raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
         for name, value, known in (("schedule", schedule, BETA_SCHEDULES), ("prediction", prediction, PREDICTIONS),
                                    ("loss_weight", loss_weight, LOSS_WEIGHTS),
-                                   ("t_sampling", t_sampling, T_SAMPLINGS)):
+                                   ("t_sampling", t_sampling, T_SAMPLINGS),
+                                   ("noise_pairing", noise_pairing, NOISE_PAIRINGS)):
             if value not in known:
                 raise ValueError(f"{name} must be one of {', '.join(known)}, got {value!r}")
         self.eps_model, self.T, self.p_uncond = eps_model, T, p_uncond
         self.prediction, self.loss_weight, self.snr_gamma = prediction, loss_weight, snr_gamma
         self.t_sampling, self.snr_floor = t_sampling, snr_floor
+        self.noise_pairing, self.noise_candidates = noise_pairing, noise_candidates
         self.self_cond = bool(getattr(eps_model, "self_cond", False))
         self.image_shape = (eps_model.in_channels, eps_model.image_size, eps_model.image_size)
         coefficients = self.schedule(beta_schedule(schedule, T, beta_start, beta_end))
@@ -210,8 +230,9 @@ class DDPM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The random part of Algorithm 1 for ``batch`` images of ``shape (C, H, W)``.
 
-        Returns ``t (B,)`` in ``[0, T-1]`` (uniform, or as ``t_sampling`` says), ``noise (B, C, H, W)`` and
-        ``drop (B,)``, true where the label is replaced by the "no label" token (probability ``p_uncond``).
+        Returns ``t (B,)`` in ``[0, T-1]`` (uniform, or as ``t_sampling`` says), ``noise (B, C, H, W)`` (``(B, K,
+        C, H, W)``, ``K = noise_candidates`` draws per image, under ``noise_pairing="knn"``) and ``drop (B,)``,
+        true where the label is replaced by the "no label" token (probability ``p_uncond``).
         """
         source = _draw_device(device, generator)
         if self.t_sampling == "uniform":
@@ -221,7 +242,8 @@ class DDPM(nn.Module):
         else:
             t = torch.multinomial(self.t_probabilities.to(source), batch, replacement=True,
                                   generator=generator).to(device)
-        noise = _randn((batch, *shape), device, generator)
+        candidates = (self.noise_candidates,) if self.noise_pairing == "knn" else ()
+        noise = _randn((batch, *candidates, *shape), device, generator)
         drop = torch.rand(batch, generator=generator, device=source).to(device) < self.p_uncond
         return t, noise, drop
 
@@ -242,6 +264,7 @@ class DDPM(nn.Module):
         if draws is None:
             draws = self.draw_training_noise(x0.shape[0], tuple(x0.shape[1:]), x0.device, generator)
         t, noise, drop = draws
+        noise = self.pair_noise(x0, noise)
         labels = torch.where(drop, torch.full_like(labels, self.eps_model.null_label), labels)
         x_t = self.q_sample(x0, t, noise)
         out = self.network(x_t, t, labels, self.training_estimate(x_t, t, labels))
@@ -250,6 +273,21 @@ class DDPM(nn.Module):
             return F.mse_loss(out, target)
         per_image = (out.float() - target).pow(2).mean(dim=tuple(range(1, x0.ndim)))
         return (self.loss_weights(t) * per_image).mean()
+
+    def pair_noise(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The noise ``(B, C, H, W)`` each image of ``x0 (B, C, H, W)`` is diffused with, from the draws ``noise``.
+
+        ``"random"``: the draws as they are. ``"assign"``: the same ``B`` draws, reordered so that each image
+        gets a near one (greedily, the closest remaining pair first: a cheap stand-in for the linear
+        assignment of Li et al. 2024); each is still ``N(0, I)``. ``"knn"``: of each image's ``K`` draws
+        ``(B, K, C, H, W)``, the nearest (Li et al. 2025), a slightly shorter vector than a free draw.
+        """
+        if self.noise_pairing == "knn":
+            distance = (noise.float() - x0.float().unsqueeze(1)).flatten(2).square().sum(-1)
+            return noise[torch.arange(len(noise), device=noise.device), distance.argmin(dim=1)]
+        if self.noise_pairing == "assign":
+            return noise[greedy_assignment(torch.cdist(x0.flatten(1).float(), noise.flatten(1).float()))]
+        return noise
 
     def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """What the network learns to output at ``x_t``: the noise, ``x0``, or

@@ -114,6 +114,10 @@ RECIPES: dict[str, list[str]] = {
     # each batch pays one more forward pass for it.
     "D-b32-self-cond": [*D_B32, "--self-cond", "1"],
     "D-self-cond": [*D, "--self-cond", "1"],
+    # Immiscible diffusion (Li et al. 2024, 2025): each image diffused with a noise draw near it, so that the
+    # paths from different images to noise cross less.
+    "D-b32-assign": [*D_B32, "--noise-pairing", "assign"],
+    "D-b32-knn": [*D_B32, "--noise-pairing", "knn"],
 }
 ROW = re.compile(r"^\| (?P<name>[^|]+) \| (?P<guidance>[^|]+) \| (?P<n>\d+) \| (?P<acc>[\d.]+)% \| (?P<fid>[\d.]+) \| "
                  r"(?P<precision>[\d.]+) \| (?P<recall>[\d.]+) \|")

@@ -72,7 +72,8 @@ def test_dict_round_trip_and_version_1_flat_dict():
     later = {"image_size": 28, "cond_encoder": 0, "ada_norm": 0, "mid_blocks": 0, "self_cond": 0, "schedule": "linear",
              "prediction": "eps", "lr_schedule": "epoch-linear", "warmup": 0, "loss_weight": "uniform",
              "snr_gamma": 5.0, "t_sampling": "uniform", "log_sigma_mean": -1.2, "log_sigma_std": 1.2,
-             "snr_floor": 1.0, "adam_beta2": 0.999, "grad_clip": 0.0}
+             "snr_floor": 1.0, "adam_beta2": 0.999, "grad_clip": 0.0, "noise_pairing": "random",
+             "noise_candidates": 64}
     assert old.flat() == {k: v for k, v in V1_CONFIG.items() if k not in ("dataset", "preset")} | later
 
 

@@ -9,7 +9,7 @@ import torch
 
 from checkpoint import build_ddpm
 from config import PRESETS, Config, UsageError
-from ddpm import DDPM, SAMPLERS, cosine_beta_schedule, make_sampler
+from ddpm import DDPM, SAMPLERS, cosine_beta_schedule, greedy_assignment, make_sampler
 from distributed import SINGLE
 from speed import PLAIN
 from training import build_state, learning_rate, train_step
@@ -193,6 +193,41 @@ def test_gradient_clipping_bounds_the_gradient_that_adam_sees():
     assert Config.from_dict(config.to_dict()) == config
     with pytest.raises(UsageError, match="--grad-clip must be a number >= 0"):
         Config().override(grad_clip=-1.0).validate()
+
+
+def test_greedy_assignment_takes_the_cheapest_pair_first():
+    assert greedy_assignment(torch.tensor([[1.0, 2.0], [3.0, 100.0]])).tolist() == [0, 1]  # optimal: [1, 0]
+    assert greedy_assignment(torch.tensor([[5.0, 1.0, 9.0], [0.5, 4.0, 8.0], [7.0, 6.0, 2.0]])).tolist() == [1, 0, 2]
+
+
+def test_assigned_noise_is_the_batchs_draws_each_given_to_a_near_image():
+    torch.manual_seed(0)
+    ddpm, x0 = tiny(noise_pairing="assign"), torch.rand(6, 1, 28, 28) * 2 - 1
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    draws = x0[order] + 0.1 * torch.randn(6, 1, 28, 28)  # draw i lies near image order[i]
+    paired = ddpm.pair_noise(x0, draws)
+    assert torch.equal(paired, draws[order.argsort()])  # each image got the draw near it
+    free = torch.randn(6, 1, 28, 28)
+    paired = ddpm.pair_noise(x0, free)
+    assert torch.equal(paired.flatten(1).sort(dim=0).values, free.flatten(1).sort(dim=0).values)  # a reordering
+    assert (paired - x0).square().sum() < (free - x0).square().sum()
+    assert torch.equal(tiny().pair_noise(x0, free), free)  # "random": the draws as they are
+
+
+def test_knn_noise_is_the_nearest_of_each_images_own_draws():
+    ddpm = tiny(noise_pairing="knn", noise_candidates=5)
+    t, noise, drop = ddpm.draw_training_noise(3, (1, 28, 28), torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert noise.shape == (3, 5, 1, 28, 28) and t.shape == drop.shape == (3,)
+    x0 = noise[:, 0].clone()
+    x0[1] = noise[1, 3] + 0.01
+    x0[2] = noise[2, 4] - 0.01
+    assert torch.equal(ddpm.pair_noise(x0, noise), noise[[0, 1, 2], [0, 3, 4]])
+    loss = ddpm.loss(torch.rand(3, 1, 28, 28) * 2 - 1, torch.tensor([0, 1, 2]), draws=(t, noise, drop))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    config = PRESETS["cpu"].override(noise_pairing="knn", noise_candidates=8)
+    assert Config.from_dict(config.to_dict()) == config and build_ddpm(config).noise_candidates == 8
+    with pytest.raises(UsageError, match="--noise-pairing must be one of random, assign, knn"):
+        Config().override(noise_pairing="nearest").validate()
 
 
 def test_encoder_conditioning_is_an_addition():
