@@ -101,6 +101,7 @@ def _noise(shape: tuple[int, ...], device: torch.device, generator: torch.Genera
 def greedy_assignment(cost: torch.Tensor) -> torch.Tensor:
     """For a square ``cost (B, B)``, ``column (B,)``: row ``i`` gets column ``column[i]``, each column once,
     the cheapest remaining pair taken first (greedy; an optimal assignment can be cheaper in total)."""
+    # one read-back per row: fine for a batch of 32 on a CPU, a stall per row on a GPU
     cost, n = cost.clone(), cost.shape[0]
     column = torch.empty(n, dtype=torch.long, device=cost.device)
     for _ in range(n):
@@ -281,6 +282,7 @@ class DDPM(nn.Module):
         gets a near one (greedily, the closest remaining pair first: a cheap stand-in for the linear
         assignment of Li et al. 2024); each is still ``N(0, I)``. ``"knn"``: of each image's ``K`` draws
         ``(B, K, C, H, W)``, the nearest (Li et al. 2025), a slightly shorter vector than a free draw.
+        With several processes, ``"assign"`` pairs within each process's part of the batch.
         """
         if self.noise_pairing == "knn":
             distance = (noise.float() - x0.float().unsqueeze(1)).flatten(2).square().sum(-1)
