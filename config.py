@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable
 
 from ddpm import BETA_SCHEDULES, LOSS_WEIGHTS, NOISE_PAIRINGS, PREDICTIONS, T_SAMPLINGS
+from optimizers import OPTIMIZERS
 
 
 class UsageError(Exception):
@@ -44,6 +45,7 @@ RULES: dict[str, tuple[Callable[[str], Any], Callable[[Any], bool], str]] = {
     "noise_pairing": choice(NOISE_PAIRINGS),
     "float": (float, lambda v: math.isfinite(v), "a number"),
     "lr_schedule": choice(("epoch-linear", "cosine")),
+    "optimizer": choice(OPTIMIZERS),
 }
 
 
@@ -96,7 +98,11 @@ class TrainConfig:
 
     epochs: int = setting(20, "positive_int", "epochs")
     batch_size: int = setting(256, "positive_int", "batch size")
-    lr: float = setting(1e-4, "positive_float", "peak Adam learning rate")
+    lr: float = setting(1e-4, "positive_float", "peak learning rate")
+    optimizer: str = setting("adam", "optimizer", "adam, or muon: Muon's orthogonalised momentum steps for the "
+                             "hidden weight matrices (Jordan et al. 2024), Adam for the rest (optimizers.py)")
+    muon_lr_mult: float = setting(2.0, "positive_float", "--optimizer muon: Muon's learning rate as a multiple "
+                                  "of --lr (its steps are scaled to Adam's size, Liu et al. 2025)")
     lr_schedule: str = setting("epoch-linear", "lr_schedule", "epoch-linear: lr * (1 - epoch / epochs) per epoch; "
                                "cosine: linear warm-up over --warmup steps, then cosine to 0, per step")
     warmup: int = setting(0, "non_negative_int", "warm-up steps of the cosine learning-rate schedule")

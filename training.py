@@ -40,6 +40,7 @@ from ddpm import DDPM, DEFAULT_SAMPLER  # noqa: E402
 from distributed import SINGLE, Replicas, Shard, sum_over_ranks  # noqa: E402
 from fileio import atomic_write, ensure_writable_dir, exclusive, remove_stale_temps  # noqa: E402
 from generation import Sampling, generate  # noqa: E402
+from optimizers import make_optimizer  # noqa: E402
 from speed import PLAIN, Speed, autocast, prepare_model  # noqa: E402
 from stopping import Interrupted, RunFailed, StopRequests  # noqa: E402
 
@@ -122,10 +123,6 @@ def learning_rate(run: TrainConfig, step: int, steps_per_epoch: int) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def make_optimizer(model: nn.Module, lr: float, speed: Speed, beta2: float = 0.999) -> torch.optim.Optimizer:
-    return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, beta2), fused=speed.fused_optimizer or None)
 
 
 def align_state_layout(optimizer: torch.optim.Optimizer) -> None:
@@ -312,7 +309,8 @@ def build_state(config: Config, device: torch.device, speed: Speed, shard: Shard
     ddpm = build_ddpm(config).to(device)
     ema = copy.deepcopy(ddpm.eps_model).requires_grad_(False)
     prepare_model(ddpm.eps_model, speed)
-    optimizer = make_optimizer(ddpm.eps_model, config.training.lr, speed, config.training.adam_beta2)
+    run = config.training
+    optimizer = make_optimizer(ddpm.eps_model, run.lr, speed, run.adam_beta2, run.optimizer, run.muon_lr_mult)
     history: dict[str, Any] = {"losses": [], "epoch": 0, "step": 0, "train_seconds": 0.0}
     if ckpt is not None:
         ddpm.eps_model.load_state_dict(ckpt["model"])

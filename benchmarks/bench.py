@@ -33,8 +33,9 @@ from data import batches  # noqa: E402
 from ddpm import DEFAULT_SAMPLER, fewer_step_samplers  # noqa: E402
 from distributed import Replicas  # noqa: E402
 from generation import Sampling, generate  # noqa: E402
+from optimizers import make_optimizer  # noqa: E402
 from speed import PLAIN, Speed, default_speed, prepare_model  # noqa: E402
-from training import TrainState, make_optimizer, train_step  # noqa: E402
+from training import TrainState, train_step  # noqa: E402
 
 
 def config_for(args: Any) -> Config:

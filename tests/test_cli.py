@@ -89,10 +89,12 @@ def test_sample_every_digit_from_newest_checkpoint(trained_run, tmp_path, monkey
     assert np.load(npz)["labels"].tolist() == list(range(10)) * 2
 
 
-def test_resume_continues_where_it_stopped(tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adam", "muon"])
+def test_resume_continues_where_it_stopped(tmp_path, monkeypatch, optimizer):
     data = write_fake_mnist(str(tmp_path / "data"))
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
-    assert train.main(TINY_TRAIN + ["--data-root", data, "--out-dir", full]) == 0
+    tiny_train = TINY_TRAIN + ["--optimizer", optimizer]
+    assert train.main(tiny_train + ["--data-root", data, "--out-dir", full]) == 0
 
     real_save = training.save_checkpoint
 
@@ -101,14 +103,14 @@ def test_resume_continues_where_it_stopped(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(training, "save_checkpoint", save_then_die)
-    assert train.main(TINY_TRAIN + ["--data-root", data, "--out-dir", cut]) == 130
+    assert train.main(tiny_train + ["--data-root", data, "--out-dir", cut]) == 130
     monkeypatch.setattr(training, "save_checkpoint", real_save)
     assert torch.load(checkpoint.checkpoint_path(cut, 8, 8), weights_only=True)["epoch"] == 1
-    assert train.main(TINY_TRAIN + ["--data-root", data, "--out-dir", cut, "--resume"]) == 0
+    assert train.main(tiny_train + ["--data-root", data, "--out-dir", cut, "--resume"]) == 0
 
     a = torch.load(checkpoint.checkpoint_path(full, 8, 8), weights_only=True)
     b = torch.load(checkpoint.checkpoint_path(cut, 8, 8), weights_only=True)
-    assert b["epoch"] == 2 and a["losses"] == b["losses"]
+    assert b["epoch"] == 2 and a["losses"] == b["losses"] and b["config"]["training"]["optimizer"] == optimizer
     for key in a["ema"]:
         torch.testing.assert_close(a["ema"][key], b["ema"][key], rtol=0, atol=0)
     assert os.path.exists(os.path.join(cut, "DDMP_generated_samples_8_8", "samples_epoch2_8_8.png"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 
+import pytest
 import torch
 
 import speed
@@ -12,6 +13,7 @@ import train
 import training
 from conftest import TINY_TRAIN, write_fake_mnist
 from data import batches
+from optimizers import OPTIMIZERS, make_optimizer
 from unet import ContextUnet
 
 
@@ -119,13 +121,14 @@ def test_tile_data_repeats_the_training_split(tmp_path):
     assert torch.equal(*test_split)
 
 
-def test_resumed_adam_moments_take_the_parameters_layout():
-    # A checkpoint from an NCHW run resumed with channels-last weights: fused Adam must step as in NCHW.
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_resumed_optimizer_state_takes_the_parameters_layout(kind):
+    # A checkpoint from an NCHW run resumed with channels-last weights: fused Adam (and Muon) must step as in NCHW.
     torch.manual_seed(0)
     x, t, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 3, 5, 7]), torch.tensor([1, 2, 3, 4])
     fast = speed.Speed(fused_optimizer=True)
     net = ContextUnet(n_feat=8)
-    optimizer = training.make_optimizer(net, 1e-2, fast)
+    optimizer = make_optimizer(net, 1e-2, fast, kind=kind)
     net(x, t, y).pow(2).mean().backward()
     optimizer.step()
     saved_net, saved_optimizer = copy.deepcopy(net.state_dict()), copy.deepcopy(optimizer.state_dict())
@@ -135,7 +138,7 @@ def test_resumed_adam_moments_take_the_parameters_layout():
         resumed = ContextUnet(n_feat=8)
         resumed.load_state_dict(saved_net)
         speed.prepare_model(resumed, speed.Speed(channels_last=channels_last))
-        optimizer = training.make_optimizer(resumed, 1e-2, fast)
+        optimizer = make_optimizer(resumed, 1e-2, fast, kind=kind)
         optimizer.load_state_dict(copy.deepcopy(saved_optimizer))  # Adam steps its state in place
         training.align_state_layout(optimizer)
         resumed(x, t, y).pow(2).mean().backward()

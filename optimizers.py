@@ -1,0 +1,102 @@
+"""The optimizers a run can train with: Adam, or Muon for the hidden weight matrices and Adam for the rest.
+
+Muon (Jordan et al. 2024) keeps a Nesterov momentum of each hidden layer's gradient, viewed as a matrix
+``(out, in * kh * kw)``, and steps along the nearest semi-orthogonal matrix to it (the momentum with every
+singular value set to about 1, by a few Newton-Schulz iterations), so that every direction of the layer
+learns at the same rate however lopsided its gradient is. The step is scaled to the size of an Adam step,
+``0.2 * sqrt(max(rows, cols))`` times the learning rate (Liu et al. 2025), so that ``--lr`` means roughly the
+same for both; ``--muon-lr-mult`` multiplies it for the Muon matrices. The network's input and output
+convolutions, its label embedding, and every bias and norm weight take Adam steps, as Muon's authors advise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.optim.adam import adam
+
+from speed import Speed
+
+OPTIMIZERS = ("adam", "muon")
+# The quintic iteration's coefficients (Jordan et al. 2024): they push singular values in (0, 1] to about 0.7-1.2
+# in 5 steps, which is as orthogonal as the step needs and far cheaper than an SVD.
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
+MUON_MOMENTUM = 0.95
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """``g (m, n)`` with its singular values moved to about 1 and its singular vectors kept: ``~ U V^T``."""
+    x = g / (g.norm() + 1e-7)  # singular values into (0, 1], where the iteration converges
+    tall = x.shape[0] > x.shape[1]
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.T
+    a, b, c = NEWTON_SCHULZ
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(muon, adam)``: the hidden weight matrices, and everything else.
+
+    Hidden: the weights of every convolution and linear layer except the first and last convolution in
+    the order the network defines them (its input and output layers).
+    """
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    outer = {id(convs[0].weight), id(convs[-1].weight)} if convs else set()
+    hidden = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))}
+    params = list(model.parameters())
+    muon = [p for p in params if id(p) in hidden and id(p) not in outer]
+    return muon, [p for p in params if id(p) not in hidden or id(p) in outer]
+
+
+class MuonWithAdam(torch.optim.Optimizer):
+    """Muon on the parameters of group ``muon=True``, Adam (torch's functional ``adam``) on the others.
+
+    One optimizer, so that the learning-rate schedule, the checkpoint and a resumed run treat it like Adam:
+    every group's ``lr`` is the schedule's, and Muon's groups multiply it by their ``lr_mult``.
+    """
+
+    def __init__(self, model: nn.Module, lr: float, beta2: float = 0.999, lr_mult: float = 1.0,
+                 fused: bool = False) -> None:
+        muon, adam = split_parameters(model)
+        groups = [{"params": muon, "muon": True}, {"params": adam, "muon": False}]
+        # "fused" is where torch's loader of a saved state looks to put Adam's step counts on the device
+        super().__init__(groups, {"lr": lr, "betas": (0.9, beta2), "eps": 1e-8, "lr_mult": lr_mult, "fused": fused})
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            (self.muon_step if group["muon"] else self.adam_step)(group, params)
+
+    def muon_step(self, group: dict, params: list[nn.Parameter]) -> None:
+        for p in params:
+            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+            buf.mul_(MUON_MOMENTUM).add_(p.grad)
+            nesterov = p.grad.add(buf, alpha=MUON_MOMENTUM)
+            matrix = nesterov.reshape(len(nesterov), -1)
+            scale = 0.2 * max(matrix.shape) ** 0.5  # an Adam-sized step (Liu et al. 2025)
+            p.add_(orthogonalize(matrix).reshape(p.shape), alpha=-group["lr"] * group["lr_mult"] * scale)
+
+    def adam_step(self, group: dict, params: list[nn.Parameter]) -> None:
+        for p in params:
+            if not self.state[p]:
+                step = torch.zeros((), device=p.device if group["fused"] else "cpu")  # where Adam keeps it
+                self.state[p] = {"step": step, "exp_avg": torch.zeros_like(p),
+                                 "exp_avg_sq": torch.zeros_like(p)}
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        adam(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [], [s["step"] for s in states], fused=group["fused"] or None, amsgrad=False, beta1=beta1, beta2=beta2,
+            lr=group["lr"], weight_decay=0.0, eps=group["eps"], maximize=False)
+
+
+def make_optimizer(model: nn.Module, lr: float, speed: Speed, beta2: float = 0.999, kind: str = "adam",
+                   muon_lr_mult: float = 1.0) -> torch.optim.Optimizer:
+    """The training's optimizer: ``kind`` is one of :data:`OPTIMIZERS`."""
+    if kind == "muon":
+        return MuonWithAdam(model, lr, beta2, muon_lr_mult, fused=speed.fused_optimizer)
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, beta2), fused=speed.fused_optimizer or None)
