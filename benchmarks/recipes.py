@@ -118,6 +118,12 @@ RECIPES: dict[str, list[str]] = {
     # paths from different images to noise cross less.
     "D-b32-assign": [*D_B32, "--noise-pairing", "assign"],
     "D-b32-knn": [*D_B32, "--noise-pairing", "knn"],
+    # Muon (Jordan et al. 2024) for the hidden weight matrices, Adam for the rest, at batches 64 and 32, and
+    # Muon's step size at half and twice the default multiple of --lr.
+    "D-muon": [*D, "--optimizer", "muon"],
+    "D-b32-muon": [*D_B32, "--optimizer", "muon"],
+    "D-muon-lr-mult-1": [*D, "--optimizer", "muon", "--muon-lr-mult", "1"],
+    "D-muon-lr-mult-4": [*D, "--optimizer", "muon", "--muon-lr-mult", "4"],
 }
 ROW = re.compile(r"^\| (?P<name>[^|]+) \| (?P<guidance>[^|]+) \| (?P<n>\d+) \| (?P<acc>[\d.]+)% \| (?P<fid>[\d.]+) \| "
                  r"(?P<precision>[\d.]+) \| (?P<recall>[\d.]+) \|")
