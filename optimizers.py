@@ -43,12 +43,12 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     Hidden: the weights of every convolution and linear layer except the first and last convolution in
     the order the network defines them (its input and output layers).
     """
-    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
-    outer = {id(convs[0].weight), id(convs[-1].weight)} if convs else set()
-    hidden = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))}
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+    convs = [m for m in layers if not isinstance(m, nn.Linear)]
+    outer = [convs[0], convs[-1]] if convs else []
+    hidden = {id(m.weight) for m in layers if all(m is not o for o in outer)}
     params = list(model.parameters())
-    muon = [p for p in params if id(p) in hidden and id(p) not in outer]
-    return muon, [p for p in params if id(p) not in hidden or id(p) in outer]
+    return [p for p in params if id(p) in hidden], [p for p in params if id(p) not in hidden]
 
 
 class MuonWithAdam(torch.optim.Optimizer):
@@ -73,7 +73,10 @@ class MuonWithAdam(torch.optim.Optimizer):
 
     def muon_step(self, group: dict, params: list[nn.Parameter]) -> None:
         for p in params:
-            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+            state = self.state[p]
+            if not state:  # not setdefault: that would allocate a zero buffer at every step
+                state["momentum_buffer"] = torch.zeros_like(p.grad)
+            buf = state["momentum_buffer"]
             buf.mul_(MUON_MOMENTUM).add_(p.grad)
             nesterov = p.grad.add(buf, alpha=MUON_MOMENTUM)
             matrix = nesterov.reshape(len(nesterov), -1)
