@@ -28,9 +28,11 @@ sys.path.insert(0, ROOT)
 from cli import ArgumentParser, non_negative_float, positive_int, run_cli  # noqa: E402
 from config import UsageError  # noqa: E402
 
-# Flags shared by the recipes built on D: `v` prediction and encoder conditioning (at batch 32: D-b32).
+# Flags shared by the recipes built on D: `v` prediction and encoder conditioning (D-b32: at batch 32;
+# D-muon: with Muon).
 D = ["--prediction", "v", "--cond-encoder", "1"]
 D_B32 = [*D, "--batch-size", "32"]
+D_MUON = [*D, "--optimizer", "muon"]
 LOG_NORMAL_WIDE = ["--t-sampling", "log-normal", "--log-sigma-mean", "-0.4", "--log-sigma-std", "1.8"]
 LOG_NORMAL_WIDER = ["--t-sampling", "log-normal", "--log-sigma-mean", "0", "--log-sigma-std", "2"]
 
@@ -120,22 +122,22 @@ RECIPES: dict[str, list[str]] = {
     "D-b32-knn": [*D_B32, "--noise-pairing", "knn"],
     # Muon (Jordan et al. 2024) for the hidden weight matrices, Adam for the rest, at batches 64 and 32, and
     # Muon's step size at half and twice the default multiple of --lr.
-    "D-muon": [*D, "--optimizer", "muon"],
+    "D-muon": D_MUON,
     "D-b32-muon": [*D_B32, "--optimizer", "muon"],
-    "D-muon-lr-mult-1": [*D, "--optimizer", "muon", "--muon-lr-mult", "1"],
-    "D-muon-lr-mult-4": [*D, "--optimizer", "muon", "--muon-lr-mult", "4"],
+    "D-muon-lr-mult-1": [*D_MUON, "--muon-lr-mult", "1"],
+    "D-muon-lr-mult-4": [*D_MUON, "--muon-lr-mult", "4"],
     # Muon at batch 48: more steps than batch 64 from the same images, at nearly its speed per image.
-    "D-b48-muon": [*D, "--batch-size", "48", "--optimizer", "muon"],
+    "D-b48-muon": [*D_MUON, "--batch-size", "48"],
     # Muon's run annealed to a step size of zero (a cosine after 100 steps of warm-up) instead of ending at 1/epochs.
-    "D-muon-cosine-lr": [*D, "--optimizer", "muon", "--lr-schedule", "cosine", "--warmup", "100"],
+    "D-muon-cosine-lr": [*D_MUON, "--lr-schedule", "cosine", "--warmup", "100"],
     # Muon with EDM's log-normal noise levels at the two wide spreads: more training at the high noise
     # levels where a digit's shape is decided.
-    "D-muon-log-normal-wide": [*D, "--optimizer", "muon", *LOG_NORMAL_WIDE],
-    "D-muon-log-normal-wider": [*D, "--optimizer", "muon", *LOG_NORMAL_WIDER],
+    "D-muon-log-normal-wide": [*D_MUON, *LOG_NORMAL_WIDE],
+    "D-muon-log-normal-wider": [*D_MUON, *LOG_NORMAL_WIDER],
     # ... and with the shorter schedule, alone and with the wide spread: the combination that came nearest
     # the preset's FID and recall with Adam.
-    "D-muon-beta-end-0.02": [*D, "--optimizer", "muon", "--beta-end", "0.02"],
-    "D-muon-beta-end-0.02-log-normal-wide": [*D, "--optimizer", "muon", "--beta-end", "0.02", *LOG_NORMAL_WIDE],
+    "D-muon-beta-end-0.02": [*D_MUON, "--beta-end", "0.02"],
+    "D-muon-beta-end-0.02-log-normal-wide": [*D_MUON, "--beta-end", "0.02", *LOG_NORMAL_WIDE],
 }
 ROW = re.compile(r"^\| (?P<name>[^|]+) \| (?P<guidance>[^|]+) \| (?P<n>\d+) \| (?P<acc>[\d.]+)% \| (?P<fid>[\d.]+) \| "
                  r"(?P<precision>[\d.]+) \| (?P<recall>[\d.]+) \|")
