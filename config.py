@@ -128,6 +128,9 @@ class TrainConfig:
     noise_candidates: int = setting(64, "positive_int", "draws per image under --noise-pairing knn")
     p_uncond: float = setting(0.1, "non_negative_float", "probability of dropping a label (classifier-free guidance)")
     ema_decay: float = setting(0.995, "non_negative_float", "EMA decay of the sampling weights")
+    ema_gamma: float = setting(8.0, "non_negative_float", "the EMA's warm-up, a power-function EMA (Karras et al. "
+                               "2024): step k's decay is min(--ema-decay, (1 + k) / (gamma + 2 + k)), so a larger "
+                               "gamma averages a shorter stretch of the run")
     seed: int = setting(0, "int", "random seed (weights, data order, noise)")
     guidance: float = setting(2.0, "non_negative_float", "guidance scale of the per-epoch grids")
     grid_rows: int = setting(4, "positive_int", "rows of classes 0..9 in each per-epoch grid")

@@ -73,7 +73,7 @@ def test_dict_round_trip_and_version_1_flat_dict():
              "prediction": "eps", "lr_schedule": "epoch-linear", "warmup": 0, "loss_weight": "uniform",
              "snr_gamma": 5.0, "t_sampling": "uniform", "log_sigma_mean": -1.2, "log_sigma_std": 1.2,
              "snr_floor": 1.0, "adam_beta2": 0.999, "grad_clip": 0.0, "noise_pairing": "random",
-             "noise_candidates": 64, "optimizer": "adam", "muon_lr_mult": 2.0}
+             "noise_candidates": 64, "optimizer": "adam", "muon_lr_mult": 2.0, "ema_gamma": 8.0}
     assert old.flat() == {k: v for k, v in V1_CONFIG.items() if k not in ("dataset", "preset")} | later
 
 

@@ -12,7 +12,7 @@ from config import PRESETS, Config, UsageError
 from ddpm import DDPM, SAMPLERS, cosine_beta_schedule, greedy_assignment, make_sampler
 from distributed import SINGLE
 from speed import PLAIN
-from training import build_state, learning_rate, train_step
+from training import build_state, ema_decay_at, learning_rate, train_step, update_ema
 from unet import ContextUnet
 
 
@@ -143,6 +143,24 @@ def test_learning_rate_schedules():
     assert learning_rate(cos, 0, 10) == pytest.approx(1e-4) and learning_rate(cos, 9, 10) == pytest.approx(1e-3)
     assert learning_rate(cos, 25, 10) == pytest.approx(5e-4)  # halfway through the cosine
     assert learning_rate(cos, 40, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ema_warm_up_is_a_power_function_average_of_exponent_gamma():
+    # gamma 8 is the warm-up every run had before the setting: (1 + k) / (10 + k)
+    assert [ema_decay_at(k, 0.995) for k in (0, 10, 2000)] == [0.1, 11 / 20, 0.995]
+    assert [ema_decay_at(k, 0.995, 16.0) for k in (0, 10, 1256)] == [1 / 18, 11 / 28, 1257 / 1274]
+    # Run it over weights equal to the step number: the average weights step k as about k**gamma, so
+    # its mean is (gamma + 1) / (gamma + 2) of the way through the run (Karras et al. 2024).
+    for gamma in (8.0, 16.0):
+        ema, model = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+        for k in range(2000):
+            model.weight.data.fill_(k + 1.0)
+            update_ema(ema, model, ema_decay_at(k, 1.0 - 1e-9, gamma))
+        assert ema.weight.item() / 2000 == pytest.approx((gamma + 1) / (gamma + 2), rel=2e-3)
+    config = PRESETS["cpu"].override(ema_gamma=16.0)
+    assert Config.from_dict(config.to_dict()) == config
+    with pytest.raises(UsageError, match="--ema-gamma must be a number >= 0"):
+        Config().override(ema_gamma=-1.0).validate()
 
 
 def test_new_settings_are_checked_and_stored():
