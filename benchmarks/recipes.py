@@ -149,10 +149,12 @@ RECIPES: dict[str, list[str]] = {
     # Twice the dropped labels: Muon's surplus of accuracy and precision traded for the "no label" model that
     # guidance extrapolates from, which moved D-b32 toward FID with Adam.
     "D-muon-beta-end-0.02-p-uncond-0.2": [*D_MUON_SHORT, "--p-uncond", "0.2"],
-    # ... further along the same trade (three and four dropped labels in ten), and with the shorter EMA of gamma 16.
+    # ... further along the same trade (three, four and five dropped labels in ten), and with the shorter EMA
+    # of gamma 16.
     "D-muon-beta-end-0.02-p-uncond-0.3": [*D_MUON_SHORT, "--p-uncond", "0.3"],
     "D-muon-beta-end-0.02-p-uncond-0.2-ema-gamma-16": [*D_MUON_SHORT, "--p-uncond", "0.2", "--ema-gamma", "16"],
     "D-muon-beta-end-0.02-p-uncond-0.4": [*D_MUON_SHORT, "--p-uncond", "0.4"],
+    "D-muon-beta-end-0.02-p-uncond-0.5": [*D_MUON_SHORT, "--p-uncond", "0.5"],
     "D-muon-beta-end-0.02-p-uncond-0.3-ema-gamma-16": [*D_MUON_SHORT, "--p-uncond", "0.3", "--ema-gamma", "16"],
 }
 ROW = re.compile(r"^\| (?P<name>[^|]+) \| (?P<guidance>[^|]+) \| (?P<n>\d+) \| (?P<acc>[\d.]+)% \| (?P<fid>[\d.]+) \| "
