@@ -1,7 +1,7 @@
 """Reproduce the ancestor's study: train every (T, n_feat) configuration, then measure each.
 
     python experiments.py --data-root DATA     # the ancestor's four: T 500 1000 x n_feat 128 256, 20 epochs
-    python experiments.py --preset cpu --n-feat 16 32 --data-root DATA --images-dir images    # scaled down
+    python experiments.py --preset cpu-2020 --n-feat 16 32 --data-root DATA --images-dir images  # scaled down
 
 For every configuration this trains with ``training.train`` (the per-epoch grids and loss plot land in
 --out-dir under the ancestor's names, as ``train.py`` writes them), then draws ``--eval-n`` digits of
@@ -44,14 +44,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="experiments.py", description="Train and measure every (T, n_feat) configuration.",
                        examples=(
                            "python experiments.py --data-root DATA     # the ancestor's four configurations (GPU)",
-                           "python experiments.py --preset cpu --n-feat 16 32 --data-root DATA --images-dir images"
+                           "python experiments.py --preset cpu-2020 --n-feat 16 32 --data-root DATA --images-dir images"
                            "   # scaled down, for a CPU",
                        ))
     p.add_argument("--T", type=positive_int, nargs="+", default=[500, 1000], help="diffusion steps (default 500 1000)")
     p.add_argument("--n-feat", type=positive_int, nargs="+", default=[128, 256], help="UNet widths (default 128 256)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="train.py preset for everything else (default: the ancestor's settings)")
-    p.add_argument("--epochs", type=positive_int, help="epochs per configuration (default: the preset's, 20)")
+    p.add_argument("--epochs", type=positive_int, help="epochs per configuration (default: the preset's)")
     p.add_argument("--show-epochs", type=positive_int, nargs="+", default=[1, 5, 10, 15, 20],
                    help="epochs whose grids go to --images-dir (default 1 5 10 15 20)")
     p.add_argument("--eval-n", type=positive_int, default=100, help="digits per class for each score (default 100)")

@@ -4,9 +4,10 @@
     python benchmarks/recipes.py --data-root DATA --only base min-snr --epochs 8 --jobs 2
     python benchmarks/recipes.py --data-root DATA --list                                 # the recipes
 
-Every recipe is ``train.py --preset cpu`` plus a few flags (:data:`RECIPES`), trained in fp32 (``--no-amp``)
-for ``--epochs`` (each epoch of the 10,000-digit subset at batch 64 is 157 optimisation steps), then
-scored by ``evaluate.py`` with the default sampler for every ``--seeds`` value (``--n`` digits per class).
+Every recipe is ``train.py --preset cpu-2020`` (the CPU preset's small model with the 2020 recipe) plus a few flags
+(:data:`RECIPES`), trained in fp32 (``--no-amp``) for ``--epochs`` (each epoch of the 10,000-digit subset at
+batch 64 is 157 optimisation steps), then scored by ``evaluate.py`` with the default sampler for every ``--seeds``
+value (``--n`` digits per class).
 ``--jobs`` runs that many trainings (and then scorings) at once, for a GPU that small runs leave idle.
 A recipe already trained is not trained again. The table goes to ``<out-dir>/recipes.md``: accuracy,
 FID, precision and recall per recipe, budget and seed, then the real-data floor of each metric.
@@ -37,7 +38,7 @@ D_MUON_SHORT = [*D_MUON, "--beta-end", "0.02"]  # Muon with the shorter schedule
 LOG_NORMAL_WIDE = ["--t-sampling", "log-normal", "--log-sigma-mean", "-0.4", "--log-sigma-std", "1.8"]
 LOG_NORMAL_WIDER = ["--t-sampling", "log-normal", "--log-sigma-mean", "0", "--log-sigma-std", "2"]
 
-# name -> flags on top of --preset cpu. One change at a time, then combinations.
+# name -> flags on top of --preset cpu-2020. One change at a time, then combinations.
 RECIPES: dict[str, list[str]] = {
     "base": [],
     "min-snr": ["--loss-weight", "min-snr"],
@@ -170,9 +171,9 @@ def train(recipe: str, epochs: int, args) -> str:
     out = os.path.join(args.out_dir, run_name(recipe, epochs))
     ckpt = os.path.join(out, "checkpoints")
     if not (os.path.isdir(ckpt) and any(f.endswith(".pt") for f in os.listdir(ckpt))):
-        command = [sys.executable, os.path.join(ROOT, "train.py"), "--preset", "cpu", "--data-root", args.data_root,
-                   "--no-download", "--out-dir", out, "--epochs", str(epochs), "--no-amp", *RECIPES[recipe],
-                   *shlex.split(args.train_args)]
+        command = [sys.executable, os.path.join(ROOT, "train.py"), "--preset", "cpu-2020",
+                   "--data-root", args.data_root, "--no-download", "--out-dir", out, "--epochs", str(epochs),
+                   "--no-amp", *RECIPES[recipe], *shlex.split(args.train_args)]
         log(out, "train", command)
     return os.path.join(ckpt, sorted(f for f in os.listdir(ckpt) if f.endswith(".pt"))[0])
 
@@ -234,7 +235,8 @@ def _main(argv: Sequence[str] | None) -> int:
         log(args.out_dir, "classifier", [sys.executable, os.path.join(ROOT, "classifier.py"), "--data-root",
                                          args.data_root, "--cache", args.classifier_cache])
         scored = list(pool.map(lambda job: score(*job, args), [(*run, s) for run in runs for s in args.seeds]))
-    lines = ["| recipe | flags on `--preset cpu` | epochs | seed | guidance | accuracy | FID | precision | recall |",
+    lines = ["| recipe | flags on `--preset cpu-2020` | epochs | seed | guidance | accuracy | FID | precision "
+             "| recall |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [row for rows in scored for row in rows[:-1]] + sorted({rows[-1] for rows in scored})
     with open(os.path.join(args.out_dir, "recipes.md"), "w") as f:

@@ -23,9 +23,13 @@ def test_presets_are_configs_and_the_default_is_the_ancestors_run():
     default = PRESETS["default"].flat()
     assert (default["T"], default["n_feat"], default["epochs"], default["batch_size"], default["lr"]) == (
         500, 128, 20, 256, 1e-4)
+    old = PRESETS["cpu-2020"]
+    assert isinstance(old, Config) and old.model.n_feat == 32 and old.training.batch_size == 64
+    assert [old.flat()[k] for k in ("beta_end", "prediction", "optimizer", "epochs")] == [0.04, "eps", "adam", 20]
     cpu = PRESETS["cpu"]
-    assert isinstance(cpu, Config) and cpu.model.n_feat == 32 and cpu.training.batch_size == 64
-    assert cpu.diffusion.beta_end == 0.04 and cpu.preset == "cpu"
+    assert (cpu.model.n_feat, cpu.training.batch_size, cpu.training.epochs, cpu.preset) == (32, 64, 8, "cpu")
+    # 8 epochs of 157 steps at batch 64: 40% of the 2020 recipe's 3,140 steps
+    assert cpu.training.epochs * cpu.training.batch_size <= 0.4 * old.training.epochs * old.training.batch_size
     for preset in PRESETS.values():
         assert preset.validate() is preset
 
