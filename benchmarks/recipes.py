@@ -227,7 +227,7 @@ def _main(argv: Sequence[str] | None) -> int:
     args = p.parse_args(argv)
     args.classifier_cache = args.classifier_cache or os.path.join(args.out_dir, "classifier.pt")
     if args.list:
-        print("\n".join(f"{name}: {' '.join(flags) or '(the cpu preset)'}" for name, flags in RECIPES.items()))
+        print("\n".join(f"{name}: {' '.join(flags) or '(the cpu-2020 preset)'}" for name, flags in RECIPES.items()))
         return 0
     runs = [(r, e) for e in args.epochs for r in (args.only or RECIPES)]
     with ThreadPoolExecutor(args.jobs) as pool:
