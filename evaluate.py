@@ -34,6 +34,7 @@ from data import load_dataset, to_uint8
 from ddpm import DDPM, DEFAULT_SAMPLER, SAMPLERS
 from generation import Sampling, generate, requested_labels
 from metrics import Reference
+from speed import default_speed, prepare_process
 
 
 EXAMPLES = (
@@ -130,11 +131,13 @@ def reference(model: clf.Classifier, data_root: str, seed: int, dataset: str) ->
 
 def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
+    device = pick_device(args.device)
+    prepare_process(default_speed(device))
     if args.npz:
         images, labels, dataset = read_npz(args.npz)
     else:
         path, bundled = find_checkpoint(args.checkpoint)
-        ddpm, ckpt = load_sampler(path, pick_device(args.device))
+        ddpm, ckpt = load_sampler(path, device)
         if bundled:
             print(bundled_note(path, ckpt), file=sys.stderr)
         settings = sampler_settings(args, ddpm.T)  # bad flags fail before any classifier training

@@ -34,6 +34,7 @@ from data import DATASETS, grid_image, save_gif, save_grid, to_uint8
 from ddpm import DDPM
 from fileio import atomic_write, ensure_writable_dir
 from generation import Sampling, blended_labels, generate, requested_labels
+from speed import default_speed, prepare_process
 
 STRIP_COLUMNS = 10  # states shown per row by --trajectory, from pure noise to the image
 EXAMPLES = (
@@ -202,7 +203,9 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.export_weights:
         return export(args)
     path, bundled = find_checkpoint(args.checkpoint)
-    ddpm, ckpt = load_sampler(path, pick_device(args.device))
+    device = pick_device(args.device)
+    prepare_process(default_speed(device))
+    ddpm, ckpt = load_sampler(path, device)
     if bundled:
         print(bundled_note(path, ckpt), file=sys.stderr)
     if args.digit is not None:

@@ -8,6 +8,7 @@ always one flag away for debugging and for side-by-side benchmarks (``benchmarks
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from dataclasses import dataclass, replace
 
 import torch
@@ -25,6 +26,8 @@ class Speed:
         off: a ``torch.utils.data.DataLoader`` that collates and copies every batch.
     log_every: read the loss back to the host every N steps (1 = after every step).
     compile: ``torch.compile`` the network.
+    keep_freed_memory: glibc's malloc keeps freed blocks for the next step instead of handing them back
+        to the kernel (:func:`keep_freed_memory`); process-wide, and it stays set once set.
     """
 
     amp: bool = False
@@ -33,10 +36,15 @@ class Speed:
     on_device_data: bool = True
     log_every: int = 1
     compile: bool = False
+    keep_freed_memory: bool = False
 
 
 PLAIN = Speed(amp=False, channels_last=False, fused_optimizer=False, on_device_data=False, log_every=1,
-              compile=False)
+              compile=False, keep_freed_memory=False)
+
+# mallopt(3) parameters of glibc's <malloc.h>
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_BYTES = 1 << 30
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -73,6 +81,7 @@ def default_speed(device: torch.device, amp: bool | None = None) -> Speed:
         on_device_data=True,
         log_every=25,
         compile=False,
+        keep_freed_memory=device.type == "cpu",
     )
 
 
@@ -85,6 +94,27 @@ def autocast(device: torch.device, speed: Speed) -> contextlib.AbstractContextMa
     if not speed.amp:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep up to 1 GiB of freed memory in the process; whether it could (not off glibc).
+
+    By default glibc gives each block above its mmap threshold (128 KiB, raised up to 32 MiB as such blocks
+    are freed) a mapping of its own and unmaps it when it is freed, so on a CPU every training step maps its
+    activations afresh and the kernel zeroes each page on first touch (docs/performance.md counts the page
+    faults). Raising the mmap and trim thresholds keeps those blocks on the heap for the next step.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc, or no C library to open by name
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
+
+
+def prepare_process(speed: Speed) -> None:
+    """The process-wide part of the fast path: the allocator's thresholds."""
+    if speed.keep_freed_memory:
+        keep_freed_memory()
 
 
 def prepare_model(model: nn.Module, speed: Speed) -> None:

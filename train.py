@@ -86,6 +86,8 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
     fast.add_argument("--no-fused", action="store_true", help="Adam without its fused kernel")
     fast.add_argument("--no-device-data", action="store_true", help="feed batches through a DataLoader")
     fast.add_argument("--compile", action="store_true", help="torch.compile the network")
+    fast.add_argument("--no-keep-memory", action="store_true",
+                      help="let malloc hand freed memory back to the kernel (on a CPU it keeps it by default)")
     fast.add_argument("--log-every", type=positive_int, help="read the loss back every N steps (default 25)")
 
 
@@ -98,7 +100,8 @@ def speed_from_args(args: argparse.Namespace, device: torch.device) -> Speed:
     """The fast path for ``device`` with the parts the flags turn off."""
     speed = PLAIN if args.plain else default_speed(device, amp=False if args.no_amp else None)
     off = [name for name, flag in (("fused_optimizer", args.no_fused), ("on_device_data", args.no_device_data),
-                                   ("channels_last", args.no_channels_last)) if flag]
+                                   ("channels_last", args.no_channels_last),
+                                   ("keep_freed_memory", args.no_keep_memory)) if flag]
     speed = with_switches_off(speed, off)
     return replace(speed, compile=args.compile or speed.compile,
                    channels_last=args.channels_last or speed.channels_last, log_every=args.log_every or speed.log_every)

@@ -41,7 +41,7 @@ from distributed import SINGLE, Replicas, Shard, sum_over_ranks  # noqa: E402
 from fileio import atomic_write, ensure_writable_dir, exclusive, remove_stale_temps  # noqa: E402
 from generation import Sampling, generate  # noqa: E402
 from optimizers import make_optimizer  # noqa: E402
-from speed import PLAIN, Speed, autocast, prepare_model  # noqa: E402
+from speed import PLAIN, Speed, autocast, prepare_model, prepare_process  # noqa: E402
 from stopping import Interrupted, RunFailed, StopRequests  # noqa: E402
 
 
@@ -313,6 +313,7 @@ def build_state(config: Config, device: torch.device, speed: Speed, shard: Shard
     torch.manual_seed(config.training.seed)
     ddpm = build_ddpm(config).to(device)
     ema = copy.deepcopy(ddpm.eps_model).requires_grad_(False)
+    prepare_process(speed)
     prepare_model(ddpm.eps_model, speed)
     run = config.training
     optimizer = make_optimizer(ddpm.eps_model, run.lr, speed, run.adam_beta2, run.optimizer, run.muon_lr_mult)

@@ -34,7 +34,7 @@ from ddpm import DEFAULT_SAMPLER, fewer_step_samplers  # noqa: E402
 from distributed import Replicas  # noqa: E402
 from generation import Sampling, generate  # noqa: E402
 from optimizers import make_optimizer  # noqa: E402
-from speed import PLAIN, Speed, default_speed, prepare_model  # noqa: E402
+from speed import PLAIN, Speed, default_speed, prepare_model, prepare_process  # noqa: E402
 from training import TrainState, train_step  # noqa: E402
 
 
@@ -78,8 +78,11 @@ def time_training(config: Config, speed: Speed, device: torch.device, steps: int
     images = torch.randint(0, 256, (n, *ddpm.image_shape[1:]), dtype=torch.uint8).to(device)
     labels = torch.randint(0, config.model.n_classes, (n,)).to(device)
     ema = build_ddpm(config).eps_model.to(device).requires_grad_(False)
+    prepare_process(speed)
     prepare_model(ddpm.eps_model, speed)
-    state = TrainState(ddpm, ema, make_optimizer(ddpm.eps_model, 1e-4, speed), Replicas(ddpm), speed)
+    run = config.training
+    optimizer = make_optimizer(ddpm.eps_model, run.lr, speed, run.adam_beta2, run.optimizer, run.muon_lr_mult)
+    state = TrainState(ddpm, ema, optimizer, Replicas(ddpm), speed)
     noise = torch.Generator(device=device).manual_seed(0)
     pending = []
     started = 0.0
@@ -115,16 +118,22 @@ def fast_path(device: torch.device, args: Any) -> Speed:
     return default_speed(device, amp=False if args.no_amp else None)
 
 
-def run(args: Any) -> list[dict[str, Any]]:
+def describe(args: Any) -> None:
+    """The device, the network and its FLOPs."""
     device = pick_device(args.device)
-    config = args.config
-    how = sampling(args)
-    forward, step = training_flops(config, 4)
+    forward, step = training_flops(args.config, 4)
     print(f"device {device} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
           + f"), torch {torch.__version__}, {torch.get_num_threads()} threads; preset {args.preset}, "
           + f"T={args.T} n_feat={args.n_feat} batch {args.batch_size}")
     print(f"network: {forward / 1e9:.2f} GFLOP per image forward, {step / 1e9:.2f} GFLOP per image per training step")
+
+
+def run(args: Any) -> list[dict[str, Any]]:
+    device = pick_device(args.device)
+    config = args.config
+    how = sampling(args)
+    step = training_flops(config, 4)[1]
     rows = []
     for name, speed in (("plain", PLAIN), ("fast", fast_path(device, args))):
         if device.type == "cuda":
@@ -149,10 +158,12 @@ def ablate(args: Any) -> None:
     variants = [("fast path", fast)] + [
         (f"without {name}", replace(fast, **{name: value}))
         for name, value in (("amp", False), ("channels_last", False), ("fused_optimizer", False),
-                            ("on_device_data", False), ("log_every", 1))
+                            ("on_device_data", False), ("log_every", 1), ("keep_freed_memory", False))
         if getattr(fast, name) != value
     ] + layout + [("plain path", PLAIN)]
     variants += [("fast path + torch.compile", replace(fast, compile=True))] if args.compile else []
+    # the allocator's setting is process-wide and stays once made: time the variants without it first
+    variants.sort(key=lambda variant: variant[1].keep_freed_memory)
     print("\n| training | images/s |\n|---|---|")
     for name, speed in variants:
         print(f"| {name} | {time_training(config, speed, device, args.train_steps, args.warmup):.1f} |", flush=True)
@@ -205,9 +216,10 @@ def _main(argv: Sequence[str] | None) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or threads)
     try:
-        report(run(args), args)
-        if args.ablate:
+        describe(args)
+        if args.ablate:  # first: the allocator's setting, once made, stays for the whole process
             ablate(args)
+        report(run(args), args)
     finally:
         torch.set_num_threads(threads)  # main() may be called from a longer-lived process (the tests)
     return 0

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -49,6 +52,44 @@ def test_channels_last_is_the_default_for_fp32_on_avx512_cpus_only(monkeypatch):
     chosen = {flags: train.speed_from_args(train.parse_args(list(flags)), cpu).channels_last
               for flags in (("--no-amp",), ("--no-amp", "--no-channels-last"), ("--plain",))}
     assert chosen == {("--no-amp",): True, ("--no-amp", "--no-channels-last"): False, ("--plain",): False}
+
+
+def test_only_a_cpu_keeps_freed_memory_by_default_and_the_flag_turns_it_off(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert speed.default_speed(cpu).keep_freed_memory and not speed.default_speed(cuda, amp=False).keep_freed_memory
+    assert not speed.PLAIN.keep_freed_memory
+    assert not train.speed_from_args(train.parse_args(["--no-keep-memory"]), cpu).keep_freed_memory
+    calls = []
+    monkeypatch.setattr(speed, "keep_freed_memory", lambda: calls.append(1) or True)
+    speed.prepare_process(speed.PLAIN)
+    assert calls == []
+    speed.prepare_process(speed.default_speed(cpu))
+    assert calls == [1]
+
+
+FAULTS = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+import speed
+if sys.argv[1] == "keep":
+    assert speed.keep_freed_memory()
+for i in range(30):
+    if i == 10:  # the steady state, as in the steps of a training run
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(2 ** 23)  # 32 MiB, at glibc's largest threshold for a block of its own
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keeping_freed_memory_spares_the_page_faults_of_each_new_block():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    faults = {how: int(subprocess.run([sys.executable, "-c", FAULTS.format(root=root), how], check=True,
+                                      capture_output=True, text=True).stdout)
+              for how in ("default", "keep")}
+    pages = 20 * 2 ** 25 // 4096  # 20 blocks of 32 MiB in pages of 4 KiB
+    assert faults["default"] > pages // 2  # each block mapped and faulted in anew
+    assert faults["keep"] < pages // 100  # the first block's pages, reused
 
 
 def test_both_layout_flags_are_a_usage_error(capsys):
