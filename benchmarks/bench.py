@@ -185,6 +185,9 @@ def report(rows: list[dict[str, Any]], args: Any) -> None:
     plain, fast = rows
     print(f"\nfast / plain: training {fast['images_per_s'] / plain['images_per_s']:.2f}x, "
           f"sampling {fast['digits_per_s'] / plain['digits_per_s']:.2f}x")
+    if args.ablate and fast["speed"].keep_freed_memory:
+        print("(after --ablate the plain path too ran with freed memory kept: that setting is process-wide; "
+              "the ablation's 'without keep_freed_memory' row times it off)")
     print(f"(sampling: guidance {args.guidance}, conditional and unconditional passes in one batch of "
           f"{2 * args.sample_n}; the all-steps figure is the {how.steps}-step rate scaled by "
           f"{how.steps}/{args.T}, since every step costs one network call)")

@@ -118,6 +118,9 @@ def test_bench_runs(capsys):
     assert "| plain |" in out and "| fast |" in out and "fast / plain: training" in out
     assert "| fast path |" in out and "| plain path |" in out and "| fast path + channels_last |" in out
     assert "preset default, T=8 n_feat=8 batch 4" in out
+    # timed before any variant makes the process-wide setting
+    assert out.index("| without keep_freed_memory |") < out.index("| fast path |")
+    assert out.index("| plain path |") < out.index("| fast path |")
 
 
 def test_bench_times_a_presets_network(capsys):
