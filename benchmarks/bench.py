@@ -118,8 +118,8 @@ def fast_path(device: torch.device, args: Any) -> Speed:
     return default_speed(device, amp=False if args.no_amp else None)
 
 
-def describe(args: Any) -> None:
-    """The device, the network and its FLOPs."""
+def describe(args: Any) -> int:
+    """Print the device, the network and its FLOPs; return the FLOPs per image per training step."""
     device = pick_device(args.device)
     forward, step = training_flops(args.config, 4)
     print(f"device {device} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
@@ -127,13 +127,14 @@ def describe(args: Any) -> None:
           + f"), torch {torch.__version__}, {torch.get_num_threads()} threads; preset {args.preset}, "
           + f"T={args.T} n_feat={args.n_feat} batch {args.batch_size}")
     print(f"network: {forward / 1e9:.2f} GFLOP per image forward, {step / 1e9:.2f} GFLOP per image per training step")
+    return step
 
 
-def run(args: Any) -> list[dict[str, Any]]:
+def run(args: Any, step: int) -> list[dict[str, Any]]:
+    """Both paths timed; ``step`` is the FLOPs per image per training step (:func:`describe`)."""
     device = pick_device(args.device)
     config = args.config
     how = sampling(args)
-    step = training_flops(config, 4)[1]
     rows = []
     for name, speed in (("plain", PLAIN), ("fast", fast_path(device, args))):
         if device.type == "cuda":
@@ -219,10 +220,10 @@ def _main(argv: Sequence[str] | None) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or threads)
     try:
-        describe(args)
+        step = describe(args)
         if args.ablate:  # first: the allocator's setting, once made, stays for the whole process
             ablate(args)
-        report(run(args), args)
+        report(run(args, step), args)
     finally:
         torch.set_num_threads(threads)  # main() may be called from a longer-lived process (the tests)
     return 0
