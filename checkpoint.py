@@ -113,6 +113,9 @@ def _cast_floats(state: Any, dtype: torch.dtype, path: str) -> dict[str, torch.T
 
 def load_training_checkpoint(path: str) -> dict[str, Any]:
     """:func:`load_checkpoint` for resuming training: a weights file (no optimizer) is refused."""
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path!r} to resume; check --out-dir and the flags that name the run "
+                         "(--preset, --T, --n-feat, --dataset), or leave out --resume to start a new run")
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") == "weights":
         raise UsageError(f"{path!r} is a weights file (EMA weights only, for sampling); training cannot resume "

@@ -82,6 +82,11 @@ def load_dataset(
     return dataset.data, dataset.targets.long()
 
 
+def first_images(images: torch.Tensor, labels: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` images and labels of a split, in the file's order (all of them for ``n = 0``)."""
+    return (images[:n], labels[:n]) if n else (images, labels)
+
+
 def _unpack_local_gz(raw: str) -> None:
     # torchvision reads only unpacked files unless it may download; unpacking is local work
     for name in RAW_FILES:

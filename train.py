@@ -66,8 +66,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-download", action="store_true", help="never download the data; fail if it is missing")
     p.add_argument("--out-dir", default=".", help="where grids, the loss plot and checkpoints go (default .)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-    p.add_argument("--resume", action="store_true", help="continue this configuration's run from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start over even if a checkpoint exists")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="continue this configuration's run from its checkpoint")
+    existing.add_argument("--overwrite", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--snapshot-epochs", type=positive_int, nargs="+", default=[], metavar="E",
                    help="also keep a copy of the checkpoint after these epochs, in checkpoints/snapshots/")
     add_speed_flags(p)
@@ -122,7 +124,11 @@ def start_state(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, An
     """The checkpoint to resume from (``None`` for a fresh run); refuse to clobber an existing run."""
     if args.resume:
         ckpt = load_training_checkpoint(paths["checkpoint"])
-        stored = ckpt["config"].flat()
+        stored, preset = ckpt["config"].flat(), ckpt["config"].preset
+        # The CPU presets share a checkpoint path (T, n_feat); "default" is also what files without a preset read.
+        if preset not in (args.preset, "default"):
+            raise UsageError(f"--preset {args.preset} differs from the checkpoint's {preset}; "
+                             f"pass --preset {preset} to resume {paths['checkpoint']!r}")
         for key, value in explicit_settings(args).items():
             if stored[key] != value:
                 raise UsageError(f"{flag_name(key)} {value} differs from the checkpoint's {stored[key]}; "

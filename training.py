@@ -35,7 +35,7 @@ from tqdm import tqdm  # noqa: E402
 
 from checkpoint import build_ddpm, checkpoint_path, run_tag, save_checkpoint  # noqa: E402
 from config import Config, TrainConfig  # noqa: E402
-from data import DATASETS, batches, save_grid, to_model_range  # noqa: E402
+from data import DATASETS, batches, first_images, save_grid, to_model_range  # noqa: E402
 from ddpm import DDPM, DEFAULT_SAMPLER  # noqa: E402
 from distributed import SINGLE, Replicas, Shard, sum_over_ranks  # noqa: E402
 from fileio import atomic_write, ensure_writable_dir, exclusive, remove_stale_temps  # noqa: E402
@@ -143,10 +143,25 @@ def align_state_layout(optimizer: torch.optim.Optimizer) -> None:
                 state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
+def use_fused_kernel(optimizer: torch.optim.Optimizer, fused: bool) -> None:
+    """Adam's fused kernel on or off as this run's speed says, not as the saved run's did.
+
+    ``load_state_dict`` restores the saved groups' ``fused`` with the rest of their settings; the step counts
+    go where each kernel keeps them (fused: on the parameter's device, otherwise on the CPU).
+    """
+    for group in optimizer.param_groups:
+        group["fused"] = True if fused else None
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if torch.is_tensor(step):
+                optimizer.state[p]["step"] = step.to(p.device if fused else "cpu")
+
+
 def train_step(state: TrainState, images: torch.Tensor, labels: torch.Tensor,
                draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ema_decay: float,
                batch: int | None = None, grad_clip: float = 0.0) -> torch.Tensor:
-    """Algorithm 1 on one batch: the loss ``|eps - eps_model(x_t, t, y)|^2``, a gradient step, the EMA update.
+    """Algorithm 1 on one batch: the loss (``|eps - eps_model(x_t, t, y)|^2``, or ``DDPM.loss``'s target and
+    weights), a gradient step, the EMA update.
 
     ``images`` are ``uint8 (B, H, W)``; ``draws`` are the batch's ``t``, ``eps`` and dropped labels
     (``DDPM.draw_training_noise``). Returns the loss without reading it back (that would wait for the
@@ -271,7 +286,15 @@ def sample_grid(ema: nn.Module, config: Config, path: str) -> None:
     save_grid(x, path, ncol=config.model.n_classes, header=header)
 
 
-def plot_losses(losses: list[float], steps_per_epoch: int, path: str, title: str) -> None:
+def loss_label(config: Config) -> str:
+    """What the training loss measures: the squared error of the network's target, and its weights."""
+    target = {"eps": "noise", "v": "v", "x0": "x0"}[config.diffusion.prediction]
+    weights = {"uniform": "", "min-snr": ", Min-SNR weighted", "truncated-snr": ", truncated-SNR weighted"}
+    return f"MSE loss ({target}{weights[config.training.loss_weight]})"
+
+
+def plot_losses(losses: list[float], steps_per_epoch: int, path: str, title: str,
+                ylabel: str = "MSE loss (noise)") -> None:
     """Loss per step (thin) and mean loss per epoch (dots), against epochs."""
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = torch.arange(1, len(losses) + 1) / steps_per_epoch
@@ -279,7 +302,7 @@ def plot_losses(losses: list[float], steps_per_epoch: int, path: str, title: str
     per_epoch = [sum(losses[i:i + steps_per_epoch]) / len(losses[i:i + steps_per_epoch])
                  for i in range(0, len(losses), steps_per_epoch)]
     ax.plot(list(range(1, len(per_epoch) + 1)), per_epoch, "o-", label="epoch mean")
-    ax.set(xlabel="epoch", ylabel="MSE loss (noise)", yscale="log", title=title)
+    ax.set(xlabel="epoch", ylabel=ylabel, yscale="log", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -293,7 +316,7 @@ def draw_progress(state: TrainState, config: Config, losses: list[float], epoch:
     sample_grid(state.ema, config, paths["grid"].format(epoch=epoch))
     title = f"DDPM T={config.diffusion.T}, n_feat={config.model.n_feat}"
     plot_losses(losses, steps_per_epoch, paths["loss_plot"],
-                title + ("" if config.dataset == "mnist" else f", {config.dataset}"))
+                title + ("" if config.dataset == "mnist" else f", {config.dataset}"), loss_label(config))
 
 
 def keep_snapshot(paths: dict[str, str], epoch: int) -> None:
@@ -323,6 +346,7 @@ def build_state(config: Config, device: torch.device, speed: Speed, shard: Shard
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         align_state_layout(optimizer)
+        use_fused_kernel(optimizer, speed.fused_optimizer)
         history = {key: ckpt.get(key, default) for key, default in history.items()}
     return TrainState(ddpm, ema, optimizer, Replicas(ddpm, shard, device), speed), history
 
@@ -341,11 +365,13 @@ class Job:
 def train(config: Config, images: torch.Tensor, labels: torch.Tensor, paths: dict[str, str],
           speed: Speed = PLAIN, shard: Shard = SINGLE, ckpt: dict[str, Any] | None = None,
           snapshot_epochs: Sequence[int] = ()) -> dict[str, Any]:
-    """Run (or, from ``ckpt``, continue) training to ``config.training.epochs`` on ``images`` where they lie.
+    """Run (or, from ``ckpt``, continue) training to ``config.training.epochs`` on ``images`` where they lie
+    (the first ``config.training.train_images`` of them, if that is set).
 
     Rank 0 writes every per-epoch file. Returns the history (:func:`build_state`). SIGINT or SIGTERM end
     it after the current step with a checkpoint and :class:`stopping.Interrupted`.
     """
+    images, labels = first_images(images, labels, config.training.train_images)
     state, history = build_state(config, images.device, speed, shard, ckpt)
     job = Job(config, paths, history, steps_per_epoch(len(images), config.training.batch_size), snapshot_epochs)
     log = functools.partial(print, file=sys.stderr) if shard.is_main else lambda *a, **k: None

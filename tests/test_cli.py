@@ -16,7 +16,7 @@ import sample
 import train
 import training
 from conftest import TINY_TRAIN, one_line_error, write_fake_mnist
-from data import load_dataset
+from data import first_images, load_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,6 +116,35 @@ def test_resume_continues_where_it_stopped(tmp_path, monkeypatch, optimizer):
     assert os.path.exists(os.path.join(cut, "DDMP_generated_samples_8_8", "samples_epoch2_8_8.png"))
 
 
+def test_train_images_takes_the_first_n(tmp_path, capsys):
+    data = write_fake_mnist(str(tmp_path / "data"))  # 64 training images
+    out = str(tmp_path / "out")
+    assert train.main(TINY_TRAIN + ["--data-root", data, "--out-dir", out, "--train-images", "40"]) == 0
+    assert "training on 40 images" in capsys.readouterr().err
+    ckpt = torch.load(checkpoint.checkpoint_path(out, 8, 8), weights_only=True)
+    assert len(ckpt["losses"]) == 2 * 3 and ckpt["config"]["training"]["train_images"] == 40  # 40 = 16 + 16 + 8
+
+
+def test_the_cpu_presets_train_on_the_first_10000_images():
+    first = first_images(torch.arange(60_000), torch.arange(60_000) % 10,
+                         train.resolve_config(train.parse_args(["--preset", "cpu"])).training.train_images)
+    assert first[0].tolist() == list(range(10_000)) and first[1].tolist() == [i % 10 for i in range(10_000)]
+    assert train.resolve_config(train.parse_args(["--preset", "cpu-2020"])).training.train_images == 10_000
+    assert train.resolve_config(train.parse_args([])).training.train_images == 0  # the ancestor's run: all
+
+
+def test_resume_refuses_another_preset_sharing_the_checkpoint(tmp_path, capsys):
+    data = write_fake_mnist(str(tmp_path / "data"))
+    out = str(tmp_path / "out")
+    tiny = ["--preset", "cpu-2020", *TINY_TRAIN, "--data-root", data, "--out-dir", out]
+    assert train.main(tiny + ["--epochs", "1"]) == 0
+    capsys.readouterr()
+    before = snapshot(out)
+    assert train.main(["--preset", "cpu", *tiny[2:], "--resume"]) == 2
+    assert "--preset cpu differs from the checkpoint's cpu-2020" in one_line_error(capsys)
+    assert snapshot(out) == before
+
+
 def snapshot(folder: str) -> dict[str, tuple[int, bytes]]:
     found = {}
     for base, _, files in os.walk(folder):
@@ -139,6 +168,8 @@ def snapshot(folder: str) -> dict[str, tuple[int, bytes]]:
     (["--steps", "9"], "at most T=8"),
     (["--sampler", "ddpm", "--steps", "4"], "always takes all T steps"),
     (["--sampler", "ddpm", "--eta", "0"], "takes no eta"),
+    (["--frames", "5"], "give --gif"),
+    (["--interpolate", "3", "12", "--out", "newdir/x.png"], "--interpolate"),
 ])
 def test_sample_bad_input(trained_run, tmp_path, monkeypatch, capsys, args, words):
     monkeypatch.chdir(tmp_path)
@@ -151,6 +182,7 @@ def test_sample_bad_input(trained_run, tmp_path, monkeypatch, capsys, args, word
     assert sample.main(args + ["--out", "kept.png"] if "--out" not in args else args) == 2
     assert words in one_line_error(capsys)
     assert snapshot(trained_run["out"]) == before and not os.path.exists("kept.png")
+    assert not os.path.exists("newdir")  # refused before any output folder is made
 
 
 @pytest.mark.parametrize("args, words", [
@@ -165,6 +197,8 @@ def test_sample_bad_input(trained_run, tmp_path, monkeypatch, capsys, args, word
     (["--out-dir", "RUN"], "already exists"),
     (["--grid-steps", "9"], "at most T=8"),
     (["--resume", "--out-dir", "RUN", "--lr", "0.5"], "differs from the checkpoint"),
+    (["--resume", "--overwrite", "--out-dir", "RUN"], "not allowed with"),
+    (["--train-images", "-1"], "--train-images"),
 ])
 def test_train_bad_input(trained_run, tmp_path, monkeypatch, capsys, args, words):
     monkeypatch.chdir(tmp_path)

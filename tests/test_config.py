@@ -77,7 +77,8 @@ def test_dict_round_trip_and_version_1_flat_dict():
              "prediction": "eps", "lr_schedule": "epoch-linear", "warmup": 0, "loss_weight": "uniform",
              "snr_gamma": 5.0, "t_sampling": "uniform", "log_sigma_mean": -1.2, "log_sigma_std": 1.2,
              "snr_floor": 1.0, "adam_beta2": 0.999, "grad_clip": 0.0, "noise_pairing": "random",
-             "noise_candidates": 64, "optimizer": "adam", "muon_lr_mult": 2.0, "ema_gamma": 8.0}
+             "noise_candidates": 64, "optimizer": "adam", "muon_lr_mult": 2.0, "ema_gamma": 8.0,
+             "train_images": 0}
     assert old.flat() == {k: v for k, v in V1_CONFIG.items() if k not in ("dataset", "preset")} | later
 
 
@@ -117,3 +118,11 @@ def test_a_version_1_checkpoint_resumes(tmp_path, fake_mnist):
     assert train.main(args) == 2  # --epochs 3 contradicts the stored 2: refused, as for any checkpoint
     assert train.main(args[:1] + args[3:]) == 0  # nothing left to train: loads, writes nothing new
     assert checkpoint.load_checkpoint(str(out / "checkpoints" / "ddpm_8_8.pt"))["epoch"] == 2
+
+
+def test_the_loss_plot_names_what_the_loss_measures():
+    import training
+
+    assert training.loss_label(PRESETS["default"]) == "MSE loss (noise)"
+    assert training.loss_label(PRESETS["cpu"]) == "MSE loss (v)"
+    assert training.loss_label(PRESETS["cpu"].override(loss_weight="min-snr")) == "MSE loss (v, Min-SNR weighted)"
