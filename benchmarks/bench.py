@@ -30,7 +30,7 @@ from checkpoint import build_ddpm  # noqa: E402
 from cli import ArgumentParser, non_negative_float, pick_device, positive_int, run_cli  # noqa: E402
 from config import PRESETS, Config  # noqa: E402
 from data import batches  # noqa: E402
-from ddpm import DEFAULT_SAMPLER, fewer_step_samplers  # noqa: E402
+from ddpm import DEFAULT_SAMPLER, fewer_step_samplers, make_sampler  # noqa: E402
 from distributed import Replicas  # noqa: E402
 from generation import Sampling, generate  # noqa: E402
 from optimizers import make_optimizer  # noqa: E402
@@ -113,6 +113,16 @@ def time_sampling(config: Config, speed: Speed, device: torch.device, n: int, ho
     return n / (time.perf_counter() - started)
 
 
+def network_passes(config: Config, how: Sampling) -> int:
+    """Batches the network runs to draw as ``how`` says: two at each step where guidance applies, else one."""
+    ddpm = build_ddpm(config)
+    if how.guidance in (0.0, 1.0):  # DDPM.guided_eps: one pass, unconditional or conditional
+        guided = [False] * ddpm.T
+    else:  # DDPM.step_eps: a scale above 1 only inside the interval, any other at every step
+        guided = ddpm.guided_steps(how.guidance_interval if how.guidance > 1 else None)
+    return sum(2 if guided[t] else 1 for t in make_sampler(how.sampler, ddpm, how.steps, how.eta).timesteps)
+
+
 def fast_path(device: torch.device, args: Any) -> Speed:
     """The device's fast path, in fp32 with ``--no-amp`` (what runs on CPUs without bf16 units)."""
     return default_speed(device, amp=False if args.no_amp else None)
@@ -135,6 +145,7 @@ def run(args: Any, step: int) -> list[dict[str, Any]]:
     device = pick_device(args.device)
     config = args.config
     how = sampling(args)
+    full = replace(how, sampler="ddpm", steps=None, eta=None).resolve(args.T)
     rows = []
     for name, speed in (("plain", PLAIN), ("fast", fast_path(device, args))):
         if device.type == "cuda":
@@ -144,7 +155,7 @@ def run(args: Any, step: int) -> list[dict[str, Any]]:
         rows.append({"path": name, "speed": speed, "images_per_s": images_per_s,
                      "epoch_s": 60000 / images_per_s, "tflops": images_per_s * step / 1e12,
                      "digits_per_s": digits_per_s,
-                     "digits_per_s_full": digits_per_s * how.steps / args.T,
+                     "digits_per_s_full": digits_per_s * network_passes(config, how) / network_passes(config, full),
                      "memory": peak_memory(device)})
         print(f"{name}: {speed}", flush=True)
     return rows
@@ -189,9 +200,10 @@ def report(rows: list[dict[str, Any]], args: Any) -> None:
     if args.ablate and fast["speed"].keep_freed_memory:
         print("(after --ablate the plain path too ran with freed memory kept: that setting is process-wide; "
               "the ablation's 'without keep_freed_memory' row times it off)")
-    print(f"(sampling: guidance {args.guidance}, conditional and unconditional passes in one batch of "
-          f"{2 * args.sample_n}; the all-steps figure is the {how.steps}-step rate scaled by "
-          f"{how.steps}/{args.T}, since every step costs one network call)")
+    full = replace(how, sampler="ddpm", steps=None, eta=None).resolve(args.T)
+    print(f"(sampling: guidance {args.guidance}, where it applies conditional and unconditional passes in one "
+          f"batch of {2 * args.sample_n}; the all-steps figure is the {how.steps}-step rate scaled by the network "
+          f"passes of each, {network_passes(args.config, how)} against {network_passes(args.config, full)})")
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -14,6 +14,7 @@ import torch
 import speed
 import train
 import training
+from checkpoint import build_ddpm
 from conftest import TINY_TRAIN, write_fake_mnist
 from data import batches
 from optimizers import OPTIMIZERS, make_optimizer
@@ -123,6 +124,20 @@ def test_bench_runs(capsys):
     assert out.index("| plain path |") < out.index("| fast path |")
 
 
+def test_bench_counts_two_network_passes_where_guidance_applies():
+    from benchmarks import bench
+    from config import PRESETS
+    from generation import Sampling
+
+    config = PRESETS["default"]  # T = 500
+    guided = build_ddpm(config).guided_steps(Sampling("ddpm").guidance_interval)
+    assert bench.network_passes(config, Sampling("ddpm", guidance=2.0)) == 500 + sum(guided)
+    assert bench.network_passes(config, Sampling("ddpm", guidance=1.0)) == 500
+    assert bench.network_passes(config, Sampling("ddpm", guidance=2.0, guidance_interval=None)) == 1000
+    assert bench.network_passes(config, Sampling("ddim", 20, guidance=0.5)) == 40  # below 1: every step
+    assert 20 < bench.network_passes(config, Sampling("dpm++", 20, guidance=2.0)) < 40
+
+
 def test_bench_times_a_presets_network(capsys):
     from benchmarks import bench
 
@@ -189,3 +204,25 @@ def test_resumed_optimizer_state_takes_the_parameters_layout(kind):
         optimizer.step()
         outputs.append(resumed(x, t, y).detach())
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+@pytest.mark.parametrize("saved_fused", [True, False])
+def test_a_resumed_optimizer_uses_this_runs_fused_setting(kind, saved_fused):
+    # load_state_dict restores the saved run's "fused"; --no-fused (or the fast path) on resume must win.
+    torch.manual_seed(0)
+    x, t, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 3, 5, 7]), torch.tensor([1, 2, 3, 4])
+    net = ContextUnet(n_feat=8)
+    optimizer = make_optimizer(net, 1e-2, speed.Speed(fused_optimizer=saved_fused), kind=kind)
+    net(x, t, y).pow(2).mean().backward()
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    now = not saved_fused
+    optimizer = make_optimizer(net, 1e-2, speed.Speed(fused_optimizer=now), kind=kind)
+    optimizer.load_state_dict(saved)
+    assert {bool(g["fused"]) for g in optimizer.param_groups} == {saved_fused}  # what torch restores
+    training.use_fused_kernel(optimizer, now)
+    assert {bool(g["fused"]) for g in optimizer.param_groups} == {now}
+    net(x, t, y).pow(2).mean().backward()
+    optimizer.step()  # the step counts are where this kernel wants them
+    assert all(s["step"].item() == 2 for s in optimizer.state.values() if "step" in s)
