@@ -30,7 +30,7 @@ from checkpoint import bundled_note, find_checkpoint, load_sampler
 from cli import ArgumentParser, add_sampling_args, interval_from_args, pick_device, positive_int, run_cli
 from cli import weak_model_from_args
 from config import UsageError
-from data import load_dataset, to_uint8
+from data import DATASETS, load_dataset, to_uint8
 from ddpm import DDPM, DEFAULT_SAMPLER, SAMPLERS
 from generation import Sampling, generate, requested_labels
 from metrics import Reference
@@ -52,6 +52,8 @@ def sampler_settings(args: argparse.Namespace, T: int) -> list[Sampling]:
     takes_steps = [name for name in samplers if SAMPLERS[name].default_steps is not None]
     if args.steps and not takes_steps:  # let the sampler say why it takes no --steps
         Sampling(samplers[0], args.steps[0]).resolve(T)
+    if args.eta is not None and all(SAMPLERS[name].default_eta is None for name in samplers):
+        Sampling(samplers[0], eta=args.eta).resolve(T)  # ... or no --eta
     rows = []
     for name in samplers:
         for steps in (args.steps or [None]) if name in takes_steps else [None]:
@@ -88,7 +90,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="the classifier for the checkpoint's dataset "
                         "(default checkpoints/classifier/classifier_<dataset>.pt)")
     p.add_argument("--classifier-epochs", type=positive_int, default=12, help="epochs if it must be trained")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.n < 2:  # the diversity compares two digits of one class
+        raise UsageError(f"--n must be at least 2 digits per class, got {args.n}")
+    if args.npz and generating_flags(args):
+        raise UsageError(f"--npz scores digits already drawn; {generating_flags(args)[0]} applies only when "
+                         "generating from --checkpoint")
+    return args
+
+
+def generating_flags(args: argparse.Namespace) -> list[str]:
+    """The flags given that say how to generate digits (their defaults left out)."""
+    given = {"--sampler": args.sampler, "--steps": args.steps, "--eta": args.eta is not None,
+             "--guidance": args.guidance != [2.0], "--guidance-interval": args.guidance_interval,
+             "--autoguidance": args.autoguidance != [1.0], "--weak-model": args.weak_model, "--amp": args.amp,
+             "--batch-size": args.batch_size != 100}
+    return [flag for flag, value in given.items() if value]
 
 
 def read_npz(path: str) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -99,7 +116,25 @@ def read_npz(path: str) -> tuple[torch.Tensor, torch.Tensor, str]:
             dataset = str(data["dataset"]) if "dataset" in data.files else "mnist"
     except (OSError, ValueError, KeyError) as err:
         raise UsageError(f"cannot read {path!r} as a sample.py --npz file ({err})") from None
+    check_npz(path, images, labels, dataset)
     return images, labels, dataset
+
+
+def check_npz(path: str, images: torch.Tensor, labels: torch.Tensor, dataset: str) -> None:
+    """A one-line :class:`UsageError` unless the file holds what ``sample.py --npz`` writes, enough to score."""
+    if dataset not in DATASETS:
+        raise UsageError(f"{path!r}: its dataset {dataset!r} is not one of {', '.join(sorted(DATASETS))}")
+    info = DATASETS[dataset]
+    shape = (info.image_size, info.image_size)
+    if images.dtype != torch.uint8 or images.dim() != 3 or tuple(images.shape[1:]) != shape:
+        raise UsageError(f"{path!r}: images must be uint8 of shape (N, {shape[0]}, {shape[1]}), "
+                         f"got {images.dtype} {tuple(images.shape)}")
+    if labels.shape != (len(images),):
+        raise UsageError(f"{path!r}: {len(images)} images but labels of shape {tuple(labels.shape)}")
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < info.n_classes:
+        raise UsageError(f"{path!r}: labels must be classes 0..{info.n_classes - 1}")
+    if len(labels) == 0 or int(torch.bincount(labels)[labels.unique()].min()) < 2:  # the diversity needs pairs
+        raise UsageError(f"{path!r}: every class in it needs at least 2 images (sample.py --n 2 or more)")
 
 
 def score_sampling(ddpm: DDPM, labels: torch.Tensor, how: Sampling, seed: int, batch_size: int,

@@ -61,7 +61,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     mode.add_argument("--guidance-grid", nargs="+", type=non_negative_float, metavar="S",
                       help="one row per guidance scale S, same noise in every row")
     p.add_argument("--gif", help="also write the reverse process as an animated GIF to this file")
-    p.add_argument("--frames", type=positive_int, default=24,
+    p.add_argument("--frames", type=positive_int,
                    help="frames in the --gif, at most one per sampling step plus one (default 24)")
     p.add_argument("--trajectory", help=f"also write a PNG strip of {STRIP_COLUMNS} states per image, noise to image")
     p.add_argument("--out", help="PNG to write (default samples_<digit>.png, samples_all.png, "
@@ -93,6 +93,9 @@ def frame_indices(states: int, wanted: int) -> list[int]:
     return torch.linspace(0, states - 1, count, dtype=torch.float64).round().long().tolist()
 
 
+DEFAULT_FRAMES = 24
+
+
 def save_animation(states: torch.Tensor, path: str, frames: int, ncol: int) -> int:
     """``states (S + 1, N, C, H, W)`` as a GIF of grids; returns the number of frames written."""
     picks = frame_indices(states.shape[0], frames)
@@ -118,8 +121,12 @@ def check_modes(args: argparse.Namespace) -> None:
         raise UsageError("--about describes a weights file; it goes with --export-weights OUT")
     drawing = [flag for flag, value in (("--out", args.out), ("--npz", args.npz), ("--gif", args.gif),
                                         ("--trajectory", args.trajectory)) if value]
+    drawing += [flag for flag, given in (("--digit", args.digit is not None), ("--interpolate", args.interpolate),
+                                         ("--guidance-grid", args.guidance_grid)) if given]
     if args.export_weights and drawing:
         raise UsageError(f"--export-weights writes only the weights file; drop {drawing[0]}")
+    if args.frames is not None and not args.gif:
+        raise UsageError("--frames sets the frames of the --gif; give --gif PATH too")
     special = "--interpolate" if args.interpolate else "--guidance-grid" if args.guidance_grid else None
     if special and args.npz:
         raise UsageError(f"--npz saves labelled samples for evaluate.py; it does not go with {special}")
@@ -178,7 +185,7 @@ def draw_images(ddpm: DDPM, config: Config, how: Sampling, args: argparse.Namesp
     save_grid(x, out, ncol=ncol, header=header)
     what = f"guidance {how.guidance:g}"
     if args.gif:
-        what += f", {save_animation(states, args.gif, args.frames, ncol)}-frame GIF {args.gif}"
+        what += f", {save_animation(states, args.gif, args.frames or DEFAULT_FRAMES, ncol)}-frame GIF {args.gif}"
     if args.trajectory:
         save_strip(states, args.trajectory)
         what += f", strip {args.trajectory}"
@@ -210,6 +217,8 @@ def _main(argv: Sequence[str] | None) -> int:
         print(bundled_note(path, ckpt), file=sys.stderr)
     if args.digit is not None:
         check_class(args.digit, "--digit", ckpt["config"])
+    for k in args.interpolate or ():  # before output_targets creates any folder
+        check_class(k, "--interpolate", ckpt["config"])
     how = sampling_from_args(args, ddpm.T)
     weak = weak_model_from_args(args, ddpm)
     out = output_targets(args)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 import evaluate
 import metrics
 from cli import UsageError
-from conftest import fake_digits
+from conftest import fake_digits, one_line_error
 
 
 def test_fid_of_identical_sets_is_zero():
@@ -87,6 +89,10 @@ def test_evaluate_npz(trained_run, tmp_path, capsys):
     (["--steps", "9"], "at most T=8"),
     (["--sampler", "ddpm", "--steps", "4"], "always takes all T steps"),
     (["--npz", "missing.npz"], "cannot read"),
+    (["--n", "1"], "--n must be at least 2"),
+    (["--npz", "x.npz", "--sampler", "ddim"], "--sampler applies only when generating"),
+    (["--npz", "x.npz", "--guidance", "1"], "--guidance applies only when generating"),
+    (["--sampler", "ddpm", "--eta", "0.5"], "eta"),
 ])
 def test_evaluate_bad_input(trained_run, tmp_path, monkeypatch, capsys, extra, words):
     monkeypatch.chdir(tmp_path)
@@ -97,6 +103,26 @@ def test_evaluate_bad_input(trained_run, tmp_path, monkeypatch, capsys, extra, w
     assert evaluate.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert words in err[-1] and not any("Traceback" in line for line in err)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"images": np.zeros((30, 28, 28), np.float32)}, "images must be uint8 of shape (N, 28, 28)"),
+    ({"images": np.zeros((30, 32, 32), np.uint8)}, "images must be uint8 of shape (N, 28, 28)"),
+    ({"labels": np.arange(29) % 10}, "30 images but labels of shape (29,)"),
+    ({"labels": np.arange(30) % 11}, "labels must be classes 0..9"),
+    ({"labels": np.r_[np.zeros(29, np.int64), 9]}, "at least 2 images"),  # a single 9
+    ({"dataset": "cifar"}, "not one of"),
+])
+def test_evaluate_refuses_an_npz_it_cannot_score(trained_run, tmp_path, capsys, change, words):
+    images, labels = fake_digits(30, seed=9)
+    contents = {"images": images, "labels": labels.astype(np.int64), **change}
+    npz = str(tmp_path / "bad.npz")
+    np.savez(npz, **contents)
+    args = ["--npz", npz, "--data-root", trained_run["data"], "--classifier-cache", str(tmp_path / "clf.pt"),
+            "--classifier-epochs", "1"]
+    assert evaluate.main(args) == 2
+    assert words in one_line_error(capsys)
+    assert not os.path.exists(tmp_path / "clf.pt")  # refused before any classifier training
 
 
 def test_precision_and_recall_of_identical_sets_are_one():

@@ -90,6 +90,7 @@ def test_export_default_about_says_how_it_was_trained(trained_run, tmp_path):
 
 @pytest.mark.parametrize("args, words", [
     (["--export-weights", "w.pt", "--npz", "x.npz"], "drop --npz"),
+    (["--export-weights", "w.pt", "--digit", "3"], "drop --digit"),
     (["--about", "text"], "--export-weights"),
     (["--export-weights", "w.pt", "--checkpoint", "missing.pt"], "no checkpoint"),
     (["--export-weights", "w.pt", "--checkpoint", "empty"], "no checkpoint in"),
