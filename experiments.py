@@ -28,7 +28,7 @@ import torch
 import classifier as clf
 from checkpoint import load_sampler, load_training_checkpoint
 from cli import ArgumentParser, pick_device, positive_int, run_cli
-from config import PRESETS, Config
+from config import PRESETS, Config, UsageError
 from data import load_dataset, to_uint8
 from ddpm import DEFAULT_SAMPLER, fewer_step_samplers
 from metrics import Reference
@@ -86,9 +86,9 @@ def train_configuration(args: argparse.Namespace, config: Config, data: tuple[to
     paths = output_paths(args.out_dir, config)
     T, n_feat, wanted = config.diffusion.T, config.model.n_feat, config.training.epochs
     ckpt = load_training_checkpoint(paths["checkpoint"]) if os.path.exists(paths["checkpoint"]) else None
-    if ckpt is not None and ckpt["config"].training.epochs != wanted:
-        ckpt = None  # a run of another length: start over
-    elif ckpt is not None and ckpt["epoch"] >= wanted:
+    if ckpt is not None:
+        check_same_run(paths["checkpoint"], ckpt["config"], config)
+    if ckpt is not None and ckpt["epoch"] >= wanted:
         print(f"T={T} n_feat={n_feat}: already trained ({paths['checkpoint']})", file=sys.stderr)
         return ckpt
     images, labels = data
@@ -96,6 +96,17 @@ def train_configuration(args: argparse.Namespace, config: Config, data: tuple[to
         train(config, images.to(device), labels.to(device), paths, default_speed(device),
               ckpt=ckpt, snapshot_epochs=(EARLY_EPOCH,))
     return load_training_checkpoint(paths["checkpoint"])
+
+
+def check_same_run(path: str, stored: Config, config: Config) -> None:
+    """A :class:`UsageError` if the checkpoint at ``path`` is of another configuration than ``config``."""
+    old, new = stored.flat(), config.flat()
+    differ = [f"{name} {old[name]}, not {new[name]}" for name in new if old[name] != new[name]]
+    if stored.preset != config.preset:
+        differ.insert(0, f"preset {stored.preset}, not {config.preset}")
+    if differ:
+        raise UsageError(f"{path!r} is a run of another configuration ({'; '.join(differ[:3])}); "
+                         "use another --out-dir, or remove it to train this one")
 
 
 def confusions(predicted: torch.Tensor, labels: torch.Tensor, top: int = 3) -> list[tuple[int, int, float]]:
@@ -150,12 +161,12 @@ def format_table(rows: list[dict[str, Any]], floor: dict[str, Any], few: str) ->
         early = r["early"]
         lines.append(f"| {r['T']} | {r['n_feat']} | {r['epochs']} | {r['final_loss']:.4f} | "
                      f"{r['train_seconds'] / 60:.1f} min | {100 * r['full']['accuracy']:.1f}% | "
-                     f"{r['full']['fid']:.1f} | {100 * r['few']['accuracy']:.1f}% | {r['few']['fid']:.1f} | "
+                     f"{r['full']['fid']:.3f} | {100 * r['few']['accuracy']:.1f}% | {r['few']['fid']:.3f} | "
                      f"{r['full']['seconds_per_image']:.3f} | {r['few']['seconds_per_image']:.3f} | "
                      + (f"{100 * early['accuracy']:.1f}% | {_mistakes(early['confusions'])} | "
                         if early else "- | - | ")
                      + f"{_mistakes(r['few']['confusions'])} |")
-    lines.append(f"| real training digits ({floor['n']}) | | | | | | {floor['fid']:.1f} | | {floor['fid']:.1f} | "
+    lines.append(f"| real training digits ({floor['n']}) | | | | | | {floor['fid']:.3f} | | {floor['fid']:.3f} | "
                  "| | | | |")
     return "\n".join(lines)
 
@@ -189,8 +200,8 @@ def _main(argv: Sequence[str] | None) -> int:
         if folder:
             ensure_writable_dir(folder, "output folder")
     device = pick_device(args.device)
+    data = load_dataset(args.data_root, train=True, download=not args.no_download)  # before the classifier reads it
     model, info = clf.load_or_train(args.data_root, args.classifier_cache or clf.default_cache("mnist"))
-    data = load_dataset(args.data_root, train=True, download=not args.no_download)
     ref = Reference(model, data, load_dataset(args.data_root, train=False, download=False))
     floor = ref.floor(requested_labels(None, args.eval_n, 10))
     few = few_step_sampling(args).resolve(min(args.T)).describe()

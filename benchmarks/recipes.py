@@ -15,6 +15,7 @@ FID, precision and recall per recipe, budget and seed, then the real-data floor 
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shlex
@@ -26,6 +27,7 @@ from typing import Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from checkpoint import load_checkpoint  # noqa: E402
 from cli import ArgumentParser, non_negative_float, positive_int, run_cli  # noqa: E402
 from config import UsageError  # noqa: E402
 
@@ -170,15 +172,15 @@ def run_name(recipe: str, epochs: int) -> str:
 
 
 def train(recipe: str, epochs: int, args) -> str:
-    """Train one recipe (unless done); the path of its checkpoint."""
+    """Train one recipe (unless done; a run stopped early is resumed); the path of its checkpoint."""
     out = os.path.join(args.out_dir, run_name(recipe, epochs))
-    ckpt = os.path.join(out, "checkpoints")
-    if not (os.path.isdir(ckpt) and any(f.endswith(".pt") for f in os.listdir(ckpt))):
+    found = glob.glob(os.path.join(out, "checkpoints", "*.pt"))
+    if not found or load_checkpoint(found[0])["epoch"] < epochs:
         command = [sys.executable, os.path.join(ROOT, "train.py"), "--preset", BASE_PRESET,
                    "--data-root", args.data_root, "--no-download", "--out-dir", out, "--epochs", str(epochs),
-                   "--no-amp", *RECIPES[recipe], *shlex.split(args.train_args)]
+                   "--no-amp", *RECIPES[recipe], *shlex.split(args.train_args), *(["--resume"] if found else [])]
         log(out, "train", command)
-    return os.path.join(ckpt, sorted(f for f in os.listdir(ckpt) if f.endswith(".pt"))[0])
+    return glob.glob(os.path.join(out, "checkpoints", "*.pt"))[0]
 
 
 def score(recipe: str, epochs: int, seed: int, args) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import experiments
+from conftest import one_line_error
 
 
 def test_study_trains_measures_and_reruns_without_training(fake_mnist, tmp_path, capsys):
@@ -33,6 +34,12 @@ def test_study_trains_measures_and_reruns_without_training(fake_mnist, tmp_path,
     assert captured.err.count("already trained") == 1
     assert len([line for line in captured.out.splitlines() if line.startswith("| 8 | 8 |")]) == 1
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["ddpm_10_8.pt", "ddpm_8_8.pt", "snapshots"]
+
+    longer = args[:2] + ["8"] + args[3:]
+    longer[longer.index("--epochs") + 1] = "3"
+    assert experiments.main(longer) == 2  # another configuration's run is refused, not started over
+    assert "is a run of another configuration (epochs 2, not 3)" in one_line_error(capsys)
+    assert os.stat(checkpoint).st_mtime_ns == before
 
 
 def test_confusions_name_the_most_frequent_mistakes():

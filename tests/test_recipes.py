@@ -416,6 +416,29 @@ def test_recipe_driver_keeps_a_row_per_guidance_scale(monkeypatch):
         recipes.score("D-b32", 8, 0, args)
 
 
+def test_recipe_driver_resumes_a_run_that_stopped_early(monkeypatch, tmp_path):
+    from benchmarks import recipes
+
+    args = argparse.Namespace(out_dir=str(tmp_path), data_root="d", train_args="")
+    path = tmp_path / "D_e8" / "checkpoints" / "ddpm_500_32.pt"
+    commands = []
+
+    def fake_train(out, what, command):  # train.py writes the checkpoint
+        commands.append(command)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+
+    monkeypatch.setattr(recipes, "log", fake_train)
+    for epoch, expected in ((None, "fresh"), (3, "--resume"), (8, None)):
+        commands.clear()
+        monkeypatch.setattr(recipes, "load_checkpoint", lambda p: {"epoch": epoch})
+        assert recipes.train("D", 8, args) == str(path)
+        if expected is None:
+            assert not commands  # finished: not trained again
+        else:
+            assert len(commands) == 1 and ("--resume" in commands[0]) == (expected == "--resume")
+
+
 def test_every_recipe_is_a_valid_training_config():
     """A typo in a recipe's flags would otherwise surface only after the recipes before it had trained."""
     import train
