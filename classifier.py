@@ -25,6 +25,7 @@ from torch import nn
 from cli import ArgumentParser, positive_int, run_cli
 from data import DATASETS, load_dataset
 from fileio import atomic_write, ensure_writable_dir
+from speed import default_speed, prepare_process
 
 
 class Classifier(nn.Module):
@@ -170,6 +171,7 @@ def _main(argv: Sequence[str] | None) -> int:
                                    "classifier_<dataset>.pt)")
     p.add_argument("--epochs", type=positive_int, default=12, help="training epochs (default 12)")
     args = p.parse_args(argv)
+    prepare_process(default_speed(torch.device("cpu")))  # it trains on the CPU: keep freed memory for the next step
     model, info = load_or_train(args.data_root, args.cache or default_cache(args.dataset), args.epochs, args.dataset)
     print(f"classifier ({args.dataset}): test accuracy {info['test_accuracy']:.4f} on {info['test_size']} test images "
           f"(trained on {info['train_size']}, {info['train_seconds']:.0f}s)")
