@@ -525,8 +525,9 @@ class DDPM(nn.Module):
 
         ``sampler`` names a class in :data:`SAMPLERS`; ``steps`` and ``eta`` left ``None`` take its defaults.
         ``clip_x0`` is passed to samplers that estimate ``x_0``. Returns ``x_0 (B, C, H, W)`` in roughly
-        ``[-1, 1]`` (not clipped); with ``return_trajectory`` also every state from ``x_T`` to ``x_0`` as
-        ``(S + 1, B, C, H, W)`` on the CPU. ``progress`` may wrap the step iterator (e.g. ``tqdm``).
+        ``[-1, 1]`` (the ancestral sampler's last step is not clipped; the samplers that estimate ``x_0`` end on
+        their estimate, clipped when ``clip_x0``); with ``return_trajectory`` also every state from ``x_T`` to
+        ``x_0`` as ``(S + 1, B, C, H, W)`` on the CPU. ``progress`` may wrap the step iterator (e.g. ``tqdm``).
         ``shared_noise`` gives every image the same noise at the start and at every step, so that the images
         differ only by label. Where guidance applies: :meth:`step_eps`. The loop is Algorithm 2's: estimate
         the noise, take a step, add fresh noise except on the last step.
