@@ -37,6 +37,7 @@ from generation import Sampling, blended_labels, generate, requested_labels
 from speed import default_speed, prepare_process
 
 STRIP_COLUMNS = 10  # states shown per row by --trajectory, from pure noise to the image
+DEFAULT_FRAMES = 24  # frames of a --gif
 EXAMPLES = (
     "python sample.py --digit 7                 # 10 sevens -> samples_7.png",
     "python sample.py --n 100 --npz out.npz     # 1,000 digits as arrays, for evaluate.py",
@@ -62,7 +63,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="one row per guidance scale S, same noise in every row")
     p.add_argument("--gif", help="also write the reverse process as an animated GIF to this file")
     p.add_argument("--frames", type=positive_int,
-                   help="frames in the --gif, at most one per sampling step plus one (default 24)")
+                   help=f"frames in the --gif, at most one per sampling step plus one (default {DEFAULT_FRAMES})")
     p.add_argument("--trajectory", help=f"also write a PNG strip of {STRIP_COLUMNS} states per image, noise to image")
     p.add_argument("--out", help="PNG to write (default samples_<digit>.png, samples_all.png, "
                                  "interpolate_<A>_<B>.png or guidance_grid.png)")
@@ -91,9 +92,6 @@ def frame_indices(states: int, wanted: int) -> list[int]:
         return [states - 1]
     count = min(wanted, states)
     return torch.linspace(0, states - 1, count, dtype=torch.float64).round().long().tolist()
-
-
-DEFAULT_FRAMES = 24
 
 
 def save_animation(states: torch.Tensor, path: str, frames: int, ncol: int) -> int:
