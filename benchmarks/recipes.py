@@ -9,8 +9,9 @@ Every recipe is ``train.py --preset cpu-2020`` (the CPU preset's small model wit
 batch 64 is 157 optimisation steps), then scored by ``evaluate.py`` with the default sampler for every ``--seeds``
 value (``--n`` digits per class).
 ``--jobs`` runs that many trainings (and then scorings) at once, for a GPU that small runs leave idle.
-A recipe already trained is not trained again. The table goes to ``<out-dir>/recipes.md``: accuracy,
-FID, precision and recall per recipe, budget and seed, then the real-data floor of each metric.
+A recipe already trained is not trained again; one stopped early is resumed. The table goes to
+``<out-dir>/recipes.md``: accuracy, FID, precision and recall per recipe, budget and seed, then the real-data floor
+of each metric.
 """
 
 from __future__ import annotations
