@@ -29,13 +29,17 @@ import classifier as clf
 from checkpoint import bundled_note, find_checkpoint, load_sampler
 from cli import ArgumentParser, add_sampling_args, interval_from_args, pick_device, positive_int, run_cli
 from cli import weak_model_from_args
-from config import UsageError
+from config import UsageError, flag_name
 from data import DATASETS, load_dataset, to_uint8
 from ddpm import DDPM, DEFAULT_SAMPLER, SAMPLERS
 from generation import Sampling, generate, requested_labels
 from metrics import Reference
 from speed import default_speed, prepare_process
 
+
+# The sampling flags (cli.add_sampling_args) that say how to generate, so mean nothing for --npz digits.
+GENERATING = ("sampler", "steps", "eta", "guidance", "guidance_interval", "autoguidance", "weak_model", "amp",
+              "batch_size")
 
 EXAMPLES = (
     "python evaluate.py --checkpoint pretrained --data-root DATA      # score the bundled model",
@@ -93,19 +97,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.n < 2:  # the diversity compares two digits of one class
         raise UsageError(f"--n must be at least 2 digits per class, got {args.n}")
-    if args.npz and generating_flags(args):
-        raise UsageError(f"--npz scores digits already drawn; {generating_flags(args)[0]} applies only when "
+    given = [name for name in GENERATING if getattr(args, name) != p.get_default(name)]
+    if args.npz and given:
+        raise UsageError(f"--npz scores digits already drawn; {flag_name(given[0])} applies only when "
                          "generating from --checkpoint")
     return args
-
-
-def generating_flags(args: argparse.Namespace) -> list[str]:
-    """The flags given that say how to generate digits (their defaults left out)."""
-    given = {"--sampler": args.sampler, "--steps": args.steps, "--eta": args.eta is not None,
-             "--guidance": args.guidance != [2.0], "--guidance-interval": args.guidance_interval,
-             "--autoguidance": args.autoguidance != [1.0], "--weak-model": args.weak_model, "--amp": args.amp,
-             "--batch-size": args.batch_size != 100}
-    return [flag for flag, value in given.items() if value]
 
 
 def read_npz(path: str) -> tuple[torch.Tensor, torch.Tensor, str]:

@@ -165,7 +165,7 @@ def draw_guidance_grid(ddpm: DDPM, config: Config, how: Sampling, args: argparse
 def labels_to_draw(args: argparse.Namespace, config: Config) -> tuple[torch.Tensor, int, list[str] | None]:
     """The labels of the picture, its columns, and its header (class names above an every-class grid)."""
     if args.interpolate:
-        a, b = (check_class(k, "--interpolate", config) for k in args.interpolate)
+        a, b = args.interpolate  # checked by _main, before any output folder is made
         return blended_labels(a, b, args.n, config.model.n_classes), args.n, None
     labels = requested_labels(args.digit, args.n, config.model.n_classes)
     named = config.dataset != "mnist" and args.digit is None
@@ -215,7 +215,7 @@ def _main(argv: Sequence[str] | None) -> int:
         print(bundled_note(path, ckpt), file=sys.stderr)
     if args.digit is not None:
         check_class(args.digit, "--digit", ckpt["config"])
-    for k in args.interpolate or ():  # before output_targets creates any folder
+    for k in args.interpolate or ():  # before output_targets makes any folder
         check_class(k, "--interpolate", ckpt["config"])
     how = sampling_from_args(args, ddpm.T)
     weak = weak_model_from_args(args, ddpm)

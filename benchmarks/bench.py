@@ -123,6 +123,13 @@ def network_passes(config: Config, how: Sampling) -> int:
     return sum(2 if guided[t] else 1 for t in make_sampler(how.sampler, ddpm, how.steps, how.eta).timesteps)
 
 
+def sampling_passes(args: Any) -> tuple[int, int]:
+    """:func:`network_passes` of the timed sampling, and of the ancestral sampler over all T steps."""
+    how = sampling(args)
+    full = replace(how, sampler="ddpm", steps=None, eta=None).resolve(args.T)
+    return network_passes(args.config, how), network_passes(args.config, full)
+
+
 def fast_path(device: torch.device, args: Any) -> Speed:
     """The device's fast path, in fp32 with ``--no-amp`` (what runs on CPUs without bf16 units)."""
     return default_speed(device, amp=False if args.no_amp else None)
@@ -145,7 +152,7 @@ def run(args: Any, step: int) -> list[dict[str, Any]]:
     device = pick_device(args.device)
     config = args.config
     how = sampling(args)
-    full = replace(how, sampler="ddpm", steps=None, eta=None).resolve(args.T)
+    few_passes, all_passes = sampling_passes(args)
     rows = []
     for name, speed in (("plain", PLAIN), ("fast", fast_path(device, args))):
         if device.type == "cuda":
@@ -155,7 +162,7 @@ def run(args: Any, step: int) -> list[dict[str, Any]]:
         rows.append({"path": name, "speed": speed, "images_per_s": images_per_s,
                      "epoch_s": 60000 / images_per_s, "tflops": images_per_s * step / 1e12,
                      "digits_per_s": digits_per_s,
-                     "digits_per_s_full": digits_per_s * network_passes(config, how) / network_passes(config, full),
+                     "digits_per_s_full": digits_per_s * few_passes / all_passes, "passes": (few_passes, all_passes),
                      "memory": peak_memory(device)})
         print(f"{name}: {speed}", flush=True)
     return rows
@@ -200,10 +207,10 @@ def report(rows: list[dict[str, Any]], args: Any) -> None:
     if args.ablate and fast["speed"].keep_freed_memory:
         print("(after --ablate the plain path too ran with freed memory kept: that setting is process-wide; "
               "the ablation's 'without keep_freed_memory' row times it off)")
-    full = replace(how, sampler="ddpm", steps=None, eta=None).resolve(args.T)
+    few_passes, all_passes = fast["passes"]
     print(f"(sampling: guidance {args.guidance}, where it applies conditional and unconditional passes in one "
           f"batch of {2 * args.sample_n}; the all-steps figure is the {how.steps}-step rate scaled by the network "
-          f"passes of each, {network_passes(args.config, how)} against {network_passes(args.config, full)})")
+          f"passes of each, {few_passes} against {all_passes})")
 
 
 def _main(argv: Sequence[str] | None) -> int:
