@@ -293,8 +293,7 @@ def loss_label(config: Config) -> str:
     return f"MSE loss ({target}{weights[config.training.loss_weight]})"
 
 
-def plot_losses(losses: list[float], steps_per_epoch: int, path: str, title: str,
-                ylabel: str = "MSE loss (noise)") -> None:
+def plot_losses(losses: list[float], steps_per_epoch: int, path: str, title: str, ylabel: str) -> None:
     """Loss per step (thin) and mean loss per epoch (dots), against epochs."""
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = torch.arange(1, len(losses) + 1) / steps_per_epoch

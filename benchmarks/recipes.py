@@ -16,7 +16,6 @@ of each metric.
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import shlex
@@ -28,7 +27,7 @@ from typing import Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from checkpoint import load_checkpoint  # noqa: E402
+from checkpoint import checkpoints_in, load_checkpoint, newest_checkpoint  # noqa: E402
 from cli import ArgumentParser, non_negative_float, positive_int, run_cli  # noqa: E402
 from config import UsageError  # noqa: E402
 
@@ -177,13 +176,13 @@ def run_name(recipe: str, epochs: int) -> str:
 def train(recipe: str, epochs: int, args) -> str:
     """Train one recipe (unless done; a run stopped early is resumed); the path of its checkpoint."""
     out = os.path.join(args.out_dir, run_name(recipe, epochs))
-    found = glob.glob(os.path.join(out, "checkpoints", "*.pt"))
+    found = checkpoints_in(os.path.join(out, "checkpoints"))
     if not found or load_checkpoint(found[0])["epoch"] < epochs:
         command = [sys.executable, os.path.join(ROOT, "train.py"), "--preset", BASE_PRESET,
                    "--data-root", args.data_root, "--no-download", "--out-dir", out, "--epochs", str(epochs),
                    "--no-amp", *RECIPES[recipe], *shlex.split(args.train_args), *(["--resume"] if found else [])]
         log(out, "train", command)
-    return glob.glob(os.path.join(out, "checkpoints", "*.pt"))[0]
+    return newest_checkpoint(os.path.join(out, "checkpoints"))
 
 
 def score(recipe: str, epochs: int, seed: int, args) -> list[str]:
