@@ -3,12 +3,14 @@
     python benchmarks/bench.py                                   # T=500, n_feat=128, batch 256, default device
     python benchmarks/bench.py --device cpu --preset cpu --ablate --compile --sample-n 100   # the CPU preset
     python benchmarks/bench.py --device cpu --batch-size 128 --train-steps 4 --warmup 1 --sample-n 100 --ablate
+    python benchmarks/bench.py --device cpu --preset cpu --no-amp --profile      # where a CPU training step's time goes
 
 Both paths run the very code ``train.py`` runs (``training.train_step`` over ``data.batches``) on random
 uint8 digits, and sample with the default sampler (``--sampler`` to change it): the plain path is fp32, a
 DataLoader, eager, the loss read back every step; the fast path is ``speed.default_speed(device)`` (in fp32
 with ``--no-amp``). FLOPs are counted once with ``torch.utils.flop_counter`` (a training step is counted as
-forward + backward of the network).
+forward + backward of the network). ``--profile`` instead times the fast path's training step op by op
+(``torch.profiler``, CPU only) and says what share of it the convolutions take and at what rate they run.
 """
 
 from __future__ import annotations
@@ -18,17 +20,19 @@ import platform
 import resource
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from typing import Any, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from checkpoint import build_ddpm  # noqa: E402
 from cli import ArgumentParser, non_negative_float, pick_device, positive_int, run_cli  # noqa: E402
-from config import PRESETS, Config  # noqa: E402
+from config import PRESETS, Config, UsageError  # noqa: E402
 from data import batches  # noqa: E402
 from ddpm import DEFAULT_SAMPLER, fewer_step_samplers, make_sampler  # noqa: E402
 from distributed import Replicas  # noqa: E402
@@ -69,8 +73,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_training(config: Config, speed: Speed, device: torch.device, steps: int, warmup: int) -> float:
-    """Training images per second over ``steps`` steps after ``warmup`` steps."""
+def time_training(config: Config, speed: Speed, device: torch.device, steps: int, warmup: int,
+                  timed: AbstractContextManager | None = None) -> float:
+    """Training images per second over ``steps`` steps after ``warmup`` steps, run inside ``timed`` if given
+    (a profiler, say)."""
     torch.manual_seed(0)
     batch = config.training.batch_size
     n = batch * (steps + warmup)
@@ -85,10 +91,11 @@ def time_training(config: Config, speed: Speed, device: torch.device, steps: int
     state = TrainState(ddpm, ema, optimizer, Replicas(ddpm), speed)
     noise = torch.Generator(device=device).manual_seed(0)
     pending = []
-    started = 0.0
+    started, timed = 0.0, timed or nullcontext()
     for i, (x, y) in enumerate(batches(images, labels, batch, torch.Generator(), speed.on_device_data, device)):
         if i == warmup:
             sync(device)
+            timed.__enter__()
             started = time.perf_counter()
         draws = ddpm.draw_training_noise(len(x), ddpm.image_shape, device, noise)
         pending.append(train_step(state, x, y, draws, 0.995))
@@ -97,7 +104,39 @@ def time_training(config: Config, speed: Speed, device: torch.device, steps: int
             pending.clear()
     torch.stack(pending).tolist() if pending else None
     sync(device)
-    return steps * batch / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    timed.__exit__(None, None, None)
+    return steps * batch / elapsed
+
+
+def convolution_flops(config: Config, batch: int) -> int:
+    """FLOPs of the network's convolutions (forward and backward) in one training step, per image."""
+    ddpm = build_ddpm(config)
+    x, t = torch.randn(batch, *ddpm.image_shape), torch.randint(0, config.diffusion.T, (batch,))
+    y = torch.randint(0, config.model.n_classes, (batch,))
+    with FlopCounterMode(display=False) as counter:
+        ddpm.eps_model(x, t, y).square().mean().backward()
+    ops = counter.get_flop_counts()["Global"]
+    return sum(n for op, n in ops.items() if "convolution" in str(op)) // batch
+
+
+def profile_training(args: Any) -> None:
+    """The fast path's training step op by op: the ten costliest ops, and the convolutions' share and rate."""
+    device = pick_device(args.device)
+    prof = profile(activities=[ProfilerActivity.CPU])  # entered after the warm-up steps, so only timed steps count
+    images_per_s = time_training(args.config, fast_path(device, args), device, args.train_steps, args.warmup, prof)
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops) / 1e6  # seconds
+    print(f"\n| op (fast path, {args.train_steps} steps) | calls | self CPU time | share |\n|---|---|---|---|")
+    for e in ops[:10]:
+        seconds = e.self_cpu_time_total / 1e6
+        print(f"| {e.key} | {e.count} | {seconds:.3f} s | {100 * seconds / total:.1f}% |")
+    conv = sum(e.self_cpu_time_total for e in ops if "onvolution" in e.key) / 1e6  # ConvolutionBackward0 too
+    flops = convolution_flops(args.config, 4) * args.batch_size * args.train_steps
+    print(f"\nconvolutions, forward and backward: {100 * conv / total:.1f}% of the profiled time, "
+          f"{flops / conv / 1e9:.1f} GFLOP/s; {images_per_s:.1f} images/s while profiled")
+    print(f"with every other op free, a step would take {conv / args.train_steps * 1e3:.0f} ms: "
+          f"{args.train_steps * args.batch_size / conv:.1f} images/s")
 
 
 def time_sampling(config: Config, speed: Speed, device: torch.device, n: int, how: Sampling) -> float:
@@ -232,7 +271,11 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--no-amp", action="store_true", help="time the fast path in fp32, as on CPUs without bf16 units")
     p.add_argument("--ablate", action="store_true", help="also time training with each fast-path part off")
     p.add_argument("--compile", action="store_true", help="with --ablate: also time the fast path compiled")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: time the fast path's training step op by op (CPU only; --train-steps steps)")
     args = p.parse_args(argv)
+    if args.profile and pick_device(args.device).type != "cpu":
+        raise UsageError("--profile times CPU ops only; pass --device cpu")
     args.config = config_for(args)
     flat = args.config.flat()
     args.T, args.n_feat, args.batch_size = flat["T"], flat["n_feat"], flat["batch_size"]
@@ -240,6 +283,9 @@ def _main(argv: Sequence[str] | None) -> int:
     torch.set_num_threads(args.threads or threads)
     try:
         step = describe(args)
+        if args.profile:
+            profile_training(args)
+            return 0
         if args.ablate:  # first: the allocator's setting, once made, stays for the whole process
             ablate(args)
         report(run(args, step), args)

@@ -226,3 +226,27 @@ def test_a_resumed_optimizer_uses_this_runs_fused_setting(kind, saved_fused):
     net(x, t, y).pow(2).mean().backward()
     optimizer.step()  # the step counts are where this kernel wants them
     assert all(s["step"].item() == 2 for s in optimizer.state.values() if "step" in s)
+
+
+def test_bench_profile_shows_the_convolutions_share(capsys):
+    from benchmarks import bench
+
+    args = ["--T", "8", "--n-feat", "8", "--batch-size", "4", "--train-steps", "2", "--warmup", "1",
+            "--device", "cpu", "--threads", "1", "--profile"]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert "| aten::convolution_backward |" in out and "| fast |" not in out  # profiled instead of timed
+    share = float(out.split("convolutions, forward and backward: ")[1].split("%")[0])
+    assert 0 < share < 100
+    # the FLOP count the rate is made of: every convolution, forward and backward, and nothing else
+    config = bench.PRESETS["default"].override(T=8, n_feat=8)
+    step = bench.training_flops(config, 4)[1]
+    assert 0.99 * step < bench.convolution_flops(config, 4) < step
+
+
+def test_bench_profile_is_for_cpus(capsys, monkeypatch):
+    from benchmarks import bench
+
+    monkeypatch.setattr(bench, "pick_device", lambda name: torch.device("cuda"))
+    assert bench.main(["--T", "8", "--n-feat", "8", "--device", "cuda", "--profile"]) == 2
+    assert "--profile times CPU ops only; pass --device cpu" in capsys.readouterr().err
