@@ -20,7 +20,7 @@ import platform
 import resource
 import sys
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import replace
 from typing import Any, Sequence
 
@@ -91,21 +91,21 @@ def time_training(config: Config, speed: Speed, device: torch.device, steps: int
     state = TrainState(ddpm, ema, optimizer, Replicas(ddpm), speed)
     noise = torch.Generator(device=device).manual_seed(0)
     pending = []
-    started, timed = 0.0, timed or nullcontext()
-    for i, (x, y) in enumerate(batches(images, labels, batch, torch.Generator(), speed.on_device_data, device)):
-        if i == warmup:
-            sync(device)
-            timed.__enter__()
-            started = time.perf_counter()
-        draws = ddpm.draw_training_noise(len(x), ddpm.image_shape, device, noise)
-        pending.append(train_step(state, x, y, draws, 0.995))
-        if len(pending) == speed.log_every:
-            torch.stack(pending).tolist()
-            pending.clear()
-    torch.stack(pending).tolist() if pending else None
-    sync(device)
-    elapsed = time.perf_counter() - started
-    timed.__exit__(None, None, None)
+    started = 0.0
+    with ExitStack() as stack:
+        for i, (x, y) in enumerate(batches(images, labels, batch, torch.Generator(), speed.on_device_data, device)):
+            if i == warmup:
+                sync(device)
+                stack.enter_context(timed or nullcontext())
+                started = time.perf_counter()
+            draws = ddpm.draw_training_noise(len(x), ddpm.image_shape, device, noise)
+            pending.append(train_step(state, x, y, draws, 0.995))
+            if len(pending) == speed.log_every:
+                torch.stack(pending).tolist()
+                pending.clear()
+        torch.stack(pending).tolist() if pending else None
+        sync(device)
+        elapsed = time.perf_counter() - started
     return steps * batch / elapsed
 
 
