@@ -50,6 +50,12 @@ def config_for(args: Any) -> Config:
 
 def training_flops(config: Config, batch: int) -> tuple[int, int]:
     """FLOPs of one forward pass per image, and of one training step (forward + backward) per image."""
+    forward, step = step_flops(config, batch)
+    return forward, sum(step.values())
+
+
+def step_flops(config: Config, batch: int) -> tuple[int, dict[Any, int]]:
+    """FLOPs per image of one forward pass, and of one training step by op (forward + backward)."""
     ddpm = build_ddpm(config)
     model = ddpm.eps_model
     x, t = torch.randn(batch, *ddpm.image_shape), torch.randint(0, config.diffusion.T, (batch,))
@@ -59,7 +65,7 @@ def training_flops(config: Config, batch: int) -> tuple[int, int]:
     forward = counter.get_total_flops() // batch
     with FlopCounterMode(display=False) as counter:
         model(x, t, y).square().mean().backward()
-    return forward, counter.get_total_flops() // batch
+    return forward, {op: n // batch for op, n in counter.get_flop_counts()["Global"].items()}
 
 
 def peak_memory(device: torch.device) -> str:
@@ -111,13 +117,7 @@ def time_training(config: Config, speed: Speed, device: torch.device, steps: int
 
 def convolution_flops(config: Config, batch: int) -> int:
     """FLOPs of the network's convolutions (forward and backward) in one training step, per image."""
-    ddpm = build_ddpm(config)
-    x, t = torch.randn(batch, *ddpm.image_shape), torch.randint(0, config.diffusion.T, (batch,))
-    y = torch.randint(0, config.model.n_classes, (batch,))
-    with FlopCounterMode(display=False) as counter:
-        ddpm.eps_model(x, t, y).square().mean().backward()
-    ops = counter.get_flop_counts()["Global"]
-    return sum(n for op, n in ops.items() if "convolution" in str(op)) // batch
+    return sum(n for op, n in step_flops(config, batch)[1].items() if "convolution" in str(op))
 
 
 def profile_training(args: Any) -> None:
