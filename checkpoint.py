@@ -7,14 +7,22 @@ flat dict, still load. A checkpoint written when a run was interrupted inside an
 it got: ``epoch`` whole epochs and ``step`` steps of the next.
 
 A *weights file* (:func:`export_weights`, ``kind: "weights"``) is the compact form of a checkpoint for
-sampling only: the config and the EMA weights in float16, no optimizer, no network weights, no loss
-history. :func:`load_checkpoint` returns its weights in float32, so sampling runs in float32; training
-cannot resume from it. The project bundles one (:data:`BUNDLED`), used when no checkpoint was trained.
+sampling only: a safetensors file of the EMA weights in float16, with the config (as JSON) and how it was
+trained in its metadata and a SHA-256 of its contents (``weights_io``); no optimizer, no network weights,
+no loss history. :func:`load_checkpoint` returns its weights in float32, so sampling runs in float32;
+training cannot resume from it. Weights files of earlier versions, torch files, still load. The project
+bundles one (:data:`BUNDLED`), used when no checkpoint was trained.
+
+Every file is checked before a network is built from it: its config against the bounds of
+``config.Config.validate`` (so a small file cannot ask for gigabytes) and its weights for NaN and
+infinities. Any problem is a one-line :class:`UsageError`.
 """
 
 from __future__ import annotations
 
 import glob
+import io
+import json
 import os
 import pickle
 import re
@@ -24,7 +32,8 @@ import torch
 
 from config import Config, UsageError
 from ddpm import DDPM
-from fileio import atomic_write, ensure_writable_dir
+import weights_io
+from fileio import atomic_write, ensure_writable_dir, write_bytes
 from unet import ContextUnet
 
 FORMAT = "conditional-ddpm-mnist"
@@ -32,10 +41,11 @@ VERSION = 3  # 3: may stop inside an epoch (``step``); 2: the config is nested; 
 READS = (1, 2, 3)
 KINDS = ("training", "weights")  # a checkpoint without "kind" is a training checkpoint
 HERE = os.path.dirname(os.path.abspath(__file__))
-BUNDLED = {"mnist": "pretrained/mnist.pt"}  # relative to the project's folder
+BUNDLED = {"mnist": "pretrained/mnist.safetensors"}  # relative to the project's folder
 BUNDLED_NAME = "pretrained"  # --checkpoint pretrained: the bundled model
 DEFAULT_DIR = "checkpoints"  # where train.py writes, and where sample.py and evaluate.py look first
-TRAIN_YOUR_OWN = "train your own with 'python train.py --preset cpu'"
+TRAIN_COMMAND = "python train.py --preset cpu --data-root DATA"
+TRAIN_YOUR_OWN = f"train your own with '{TRAIN_COMMAND}'"
 REQUIRED_V1 = ("in_channels", "n_feat", "n_classes", "T", "beta_start", "beta_end", "p_uncond")
 
 
@@ -69,20 +79,26 @@ def save_checkpoint(path: str, config: Config, **fields: Any) -> None:
 
 
 def _save(payload: dict[str, Any], path: str) -> None:
-    # through a Python file, so that a full disk is an OSError naming it, not a RuntimeError from the zip writer
-    with open(path, "wb") as f:
-        torch.save(payload, f)
+    # serialised in memory, then written by Python: a full disk is then an OSError naming the file, where
+    # torch's zip writer would fail with a RuntimeError of its own
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes(path, buffer.getbuffer())
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
-    """Read and check a checkpoint; ``ckpt["config"]`` comes back as a :class:`Config`.
+    """Read and check a checkpoint or weights file; ``ckpt["config"]`` comes back as a :class:`Config`.
 
     Any problem is a one-line :class:`UsageError`.
     """
     if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path!r}; train one with 'python train.py' or pass --checkpoint PATH")
+        raise UsageError(f"no checkpoint at {path!r}; train one with '{TRAIN_COMMAND}' or pass --checkpoint PATH")
+    with open(path, "rb") as f:
+        blob = f.read()
+    if weights_io.looks_like_safetensors(blob):
+        return _load_weights_file(path, blob)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as err:
         raise UsageError(unreadable(path, err)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
@@ -93,15 +109,48 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     stored = ckpt.get("config")
     if not isinstance(stored, dict) or (ckpt["version"] == 1 and any(key not in stored for key in REQUIRED_V1)):
         raise UsageError(f"{path!r} has no usable config; it was not written by this train.py")
-    try:
-        config = Config.from_dict(stored).validate()
-    except (TypeError, UsageError) as err:
-        raise UsageError(f"{path!r} has no usable config ({err})") from None
+    config = checked_config(path, stored)
     if ckpt.get("kind", "training") not in KINDS:
         raise UsageError(f"{path!r} is a checkpoint of unknown kind {ckpt.get('kind')!r}")
     if ckpt.get("kind") == "weights":
         ckpt = {**ckpt, "ema": _cast_floats(ckpt.get("ema"), torch.float32, path)}
+    for part in ("model", "ema"):
+        check_finite(path, ckpt.get(part))
     return {**ckpt, "config": config}
+
+
+def checked_config(path: str, stored: Any) -> Config:
+    """The :class:`Config` a file stores, within the bounds of :meth:`Config.validate`, before anything is built."""
+    try:
+        return Config.from_dict(stored).validate()
+    except (TypeError, AttributeError, UsageError) as err:
+        raise UsageError(f"{path!r} has no usable config ({err})") from None
+
+
+def check_finite(path: str, state: Any) -> None:
+    """A one-line :class:`UsageError` if a state dict holds NaN or infinite weights."""
+    if isinstance(state, dict) and not all(torch.isfinite(v).all() for v in state.values()
+                                           if isinstance(v, torch.Tensor) and v.is_floating_point()):
+        raise UsageError(f"{path!r} holds NaN or infinite weights: it is damaged or was saved from a diverged "
+                         "run; use another checkpoint")
+
+
+def _load_weights_file(path: str, blob: bytes) -> dict[str, Any]:
+    """A safetensors weights file (:func:`export_weights`), checked whole before its tensors are made."""
+    try:
+        meta = weights_io.read_header(blob)
+        if meta.get("format") != FORMAT or meta.get("kind") != "weights":
+            raise weights_io.DamagedFile("it is not a weights file of this project (see sample.py --export-weights)")
+        config = checked_config(path, json.loads(meta.get("config", "null")))
+        ema = weights_io.read_tensors(blob)
+        numbers = {key: json.loads(meta[key]) for key in ("epoch", "steps", "final_loss", "train_seconds")
+                   if key in meta}
+    except (weights_io.DamagedFile, json.JSONDecodeError) as err:
+        raise UsageError(f"cannot use {path!r}: {err}") from None
+    ema = _cast_floats(ema, torch.float32, path)
+    check_finite(path, ema)
+    return {"format": FORMAT, "version": VERSION, "kind": "weights", "config": config, "ema": ema,
+            "about": meta.get("about", ""), "epoch": 0, **numbers}
 
 
 def _cast_floats(state: Any, dtype: torch.dtype, path: str) -> dict[str, torch.Tensor]:
@@ -179,7 +228,7 @@ def newest_checkpoint(directory: str) -> str:
     found = checkpoints_in(directory)
     if not found:
         raise UsageError(
-            f"no checkpoint in {directory!r}; train one with 'python train.py' or pass --checkpoint PATH"
+            f"no checkpoint in {directory!r}; train one with '{TRAIN_COMMAND}' or pass --checkpoint PATH"
         )
     return max(found, key=os.path.getmtime)
 
@@ -206,6 +255,26 @@ def find_checkpoint(name: str | None, fallback: bool = True) -> tuple[str, bool]
             return bundled_path(), True
         name = DEFAULT_DIR
     return (newest_checkpoint(name) if os.path.isdir(name) else name), False
+
+
+SHORT_RUN = 1000  # optimizer steps below which a model's digits are rough; --preset cpu trains 1,256
+
+
+def model_note(path: str, ckpt: dict[str, Any], bundled: bool) -> str | None:
+    """The line to print about the model a script picked: the bundled one, or one from an unfinished or very
+    short run (whose digits may be noise); ``None`` for any other."""
+    if bundled:
+        return bundled_note(path, ckpt)
+    config, done = ckpt["config"], ckpt.get("epoch", 0)
+    steps = len(ckpt.get("losses") or []) or ckpt.get("steps", 0)
+    if done < config.training.epochs or ckpt.get("step"):
+        return (f"note: {path} is from an unfinished run ({done} of {config.training.epochs} epochs done); expect "
+                f"rough digits, or noise; finish it with its train.py command and --resume (e.g. 'python train.py "
+                f"--preset {config.preset} --data-root DATA --resume')")
+    if steps and steps < SHORT_RUN:
+        return (f"note: {path} was trained for only {steps:,} steps; expect rough digits, or noise "
+                f"(--preset cpu trains 1,256: '{TRAIN_COMMAND}')")
+    return None
 
 
 def bundled_note(path: str, ckpt: dict[str, Any]) -> str:
@@ -239,9 +308,10 @@ def loss_summary(ckpt: dict[str, Any]) -> dict[str, Any]:
 def export_weights(src: str, dst: str, about: str | None = None) -> dict[str, Any]:
     """Write the weights file of checkpoint ``src`` to ``dst``, which must not exist yet; returns what it holds.
 
-    The file is ``{format, version, kind: "weights", config, ema (float16), epoch, about, steps, final_loss,
-    train_seconds}``, written atomically. ``about`` is one line on how the model was trained (default: what
-    the checkpoint records).
+    A safetensors file (``weights_io``): the EMA weights in float16; in its metadata ``format``, ``version``,
+    ``kind: "weights"``, ``config`` (JSON), ``epoch``, ``about``, ``steps``, ``final_loss`` and
+    ``train_seconds``, and the SHA-256 of it all. ``about`` is one line on how the model was trained
+    (default: what the checkpoint records).
     """
     if os.path.exists(dst):
         raise UsageError(f"{dst!r} already exists; remove it or choose another file (nothing is overwritten)")
@@ -250,8 +320,10 @@ def export_weights(src: str, dst: str, about: str | None = None) -> dict[str, An
     if not all(torch.isfinite(v).all() for v in ema.values() if v.is_floating_point()):
         raise UsageError(f"{src!r}: its EMA weights do not fit in float16 (not finite after the cast)")
     about = " ".join((about or ckpt.get("about") or describe_training(ckpt, src)).split())
-    payload = {"format": FORMAT, "version": VERSION, "kind": "weights", "config": ckpt["config"].to_dict(),
-               "ema": ema, "epoch": ckpt.get("epoch", 0), "about": about, **loss_summary(ckpt)}
+    saved = {"epoch": ckpt.get("epoch", 0), **loss_summary(ckpt)}
+    metadata = {"format": FORMAT, "version": str(VERSION), "kind": "weights",
+                "config": json.dumps(ckpt["config"].to_dict()), "about": about,
+                **{key: json.dumps(value) for key, value in saved.items()}}
     ensure_writable_dir(os.path.dirname(os.path.abspath(dst)), "output folder")
-    atomic_write(dst, lambda tmp: _save(payload, tmp))
-    return payload
+    weights_io.write(dst, ema, metadata)
+    return {"kind": "weights", "config": ckpt["config"], "ema": ema, "about": about, **saved}

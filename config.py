@@ -49,12 +49,14 @@ RULES: dict[str, tuple[Callable[[str], Any], Callable[[Any], bool], str]] = {
 }
 
 
-def setting(default: Any, rule: str, help: str, flag: bool = True) -> Any:
+def setting(default: Any, rule: str, help: str, flag: bool = True, most: float | None = None) -> Any:
     """A dataclass field that is a setting: its default, its rule (:data:`RULES`) and its help text.
 
-    ``flag=False`` marks a setting that comes from the data set rather than the command line.
+    ``flag=False`` marks a setting that comes from the data set rather than the command line. ``most`` is the
+    largest value allowed: a bound that keeps a file's config from asking for more memory or time than a model
+    of this kind could need.
     """
-    return field(default=default, metadata={"rule": rule, "help": help, "flag": flag})
+    return field(default=default, metadata={"rule": rule, "help": help, "flag": flag, "most": most})
 
 
 def flag_name(name: str) -> str:
@@ -65,16 +67,17 @@ def flag_name(name: str) -> str:
 class ModelConfig:
     """The network: ``unet.ContextUnet(in_channels, n_feat, n_classes, image_size)``."""
 
-    n_feat: int = setting(128, "positive_int", "UNet width, a multiple of 8; the bottleneck has 2 * n_feat channels")
-    image_size: int = setting(28, "positive_int", "image height and width (from the data set)", flag=False)
-    in_channels: int = setting(1, "positive_int", "image channels (from the data set)", flag=False)
-    n_classes: int = setting(10, "positive_int", "number of classes (from the data set)", flag=False)
+    n_feat: int = setting(128, "positive_int", "UNet width, a multiple of 8; the bottleneck has 2 * n_feat channels",
+                          most=512)
+    image_size: int = setting(28, "positive_int", "image height and width (from the data set)", flag=False, most=256)
+    in_channels: int = setting(1, "positive_int", "image channels (from the data set)", flag=False, most=4)
+    n_classes: int = setting(10, "positive_int", "number of classes (from the data set)", flag=False, most=1000)
     cond_encoder: int = setting(0, "switch", "1: time and label also modulate the encoder blocks, not only the "
                                 "decoder (unet.ContextUnet)")
     ada_norm: int = setting(0, "switch", "1: time and label also scale and shift the second group norm of every "
                             "residual block (AdaGN, Dhariwal & Nichol 2021)")
     mid_blocks: int = setting(0, "non_negative_int", "residual blocks at the 7x7 bottleneck (2 * n_feat channels), "
-                              "each conditioned on time and label like the encoder's")
+                              "each conditioned on time and label like the encoder's", most=16)
     self_cond: int = setting(0, "switch", "1: the network also reads its own estimate of the clean image from the "
                              "step before (self-conditioning, Chen et al. 2022)")
 
@@ -83,7 +86,7 @@ class ModelConfig:
 class DiffusionConfig:
     """The forward process (``T`` steps of a beta schedule) and what the network predicts (``ddpm.DDPM``)."""
 
-    T: int = setting(500, "positive_int", "diffusion steps")
+    T: int = setting(500, "positive_int", "diffusion steps", most=10_000)
     beta_start: float = setting(1e-4, "positive_float", "first beta of the linear schedule")
     beta_end: float = setting(0.02, "positive_float", "last beta of the linear schedule")
     schedule: str = setting("linear", "schedule", "beta schedule: linear (Ho et al.) or cosine (Nichol & "
@@ -96,10 +99,10 @@ class DiffusionConfig:
 class TrainConfig:
     """The optimisation, and the per-epoch progress grids it draws."""
 
-    epochs: int = setting(20, "positive_int", "epochs")
+    epochs: int = setting(20, "positive_int", "epochs", most=100_000)
     train_images: int = setting(0, "non_negative_int", "train on the first N images of the training split, as "
                                 "stored in its file (0 = all of them)")
-    batch_size: int = setting(256, "positive_int", "batch size")
+    batch_size: int = setting(256, "positive_int", "batch size", most=65_536)
     lr: float = setting(1e-4, "positive_float", "peak learning rate")
     optimizer: str = setting("adam", "optimizer", "adam, or muon: Muon's orthogonalised momentum steps for the "
                              "hidden weight matrices (Jordan et al. 2024), Adam for the rest (optimizers.py)")
@@ -127,7 +130,7 @@ class TrainConfig:
                                  "random (Ho et al.), assign: the batch's draws, each given to a near image, or "
                                  "knn: the nearest of --noise-candidates draws (immiscible diffusion, Li et al. "
                                  "2024, 2025)")
-    noise_candidates: int = setting(64, "positive_int", "draws per image under --noise-pairing knn")
+    noise_candidates: int = setting(64, "positive_int", "draws per image under --noise-pairing knn", most=4096)
     p_uncond: float = setting(0.1, "non_negative_float", "probability of dropping a label (classifier-free guidance)")
     ema_decay: float = setting(0.995, "non_negative_float", "EMA decay of the sampling weights")
     ema_gamma: float = setting(8.0, "non_negative_float", "the EMA's warm-up, a power-function EMA (Karras et al. "
@@ -135,7 +138,7 @@ class TrainConfig:
                                "gamma averages a shorter stretch of the run")
     seed: int = setting(0, "int", "random seed (weights, data order, noise)")
     guidance: float = setting(2.0, "non_negative_float", "guidance scale of the per-epoch grids")
-    grid_rows: int = setting(4, "positive_int", "rows of classes 0..9 in each per-epoch grid")
+    grid_rows: int = setting(4, "positive_int", "rows of classes 0..9 in each per-epoch grid", most=100)
     grid_steps: int = setting(20, "non_negative_int",
                               "steps of the default sampler for the per-epoch grids; 0 = the full ancestral sampler")
 
@@ -184,6 +187,9 @@ class Config:
             kind = str if RULES[known[name][1].metadata["rule"]][0] is str else (int, float)
             if not isinstance(value, kind) or isinstance(value, bool) or not ok(value):
                 raise UsageError(f"{flag_name(name)} must be {wanted}, got {value!r}")
+            most = known[name][1].metadata["most"]
+            if most is not None and value > most:
+                raise UsageError(f"{flag_name(name)} must be at most {most:,}, got {value:,}")
         m, d, t = self.model, self.diffusion, self.training
         checks = [
             (m.n_feat % 8 == 0, f"--n-feat must be a multiple of 8 (GroupNorm uses 8 groups), got {m.n_feat}"),
