@@ -3,15 +3,20 @@
     python classifier.py --data-root DATA    # train (or reuse the cache), print its test accuracy
     python classifier.py --data-root DATA --dataset fashion-mnist    # one per dataset, cached apart
 
-``evaluate.py`` uses it to score generated digits.
+``evaluate.py`` scores generated digits with it. For MNIST the project bundles one
+(:data:`BUNDLED`, made by ``python classifier.py --data-root DATA --cache pretrained/mnist_classifier.safetensors``
+on the 10,000-digit training subset), used by default and never retrained. Any other is trained on the
+training split of --data-root, checked on its test split and kept in --cache (default
+checkpoints/classifier/classifier_<dataset>.safetensors) with a fingerprint of the training files; it is
+trained again when those change. A file there that is not such a cache is never replaced.
 
-The classifier is trained on the training split of --data-root and checked on its test
-split; it is cached in --cache (default checkpoints/classifier/classifier_<dataset>.pt) together with a
-fingerprint of the training files, and retrained when those change.
+Classifier files are safetensors (``weights_io``): the weights in float16, and in the metadata what they were
+trained on and their accuracy (measured with the float16 weights), with a SHA-256 of it all.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -22,10 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tqdm import tqdm
+
+import weights_io
 from cli import ArgumentParser, positive_int, run_cli
+from config import UsageError
 from data import DATASETS, load_dataset
-from fileio import atomic_write, ensure_writable_dir
+from fileio import ensure_writable_dir
 from speed import default_speed, prepare_process
+
+FORMAT = "conditional-ddpm-mnist classifier"
+BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", "mnist_classifier.safetensors")
 
 
 class Classifier(nn.Module):
@@ -91,8 +103,9 @@ def predict(model: Classifier, images: torch.Tensor, batch_size: int = 1000) -> 
     return torch.cat([model(chunk).argmax(1) for chunk in images.split(batch_size)])
 
 
-def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 12, seed: int = 0) -> Classifier:
-    """Adam with a cosine learning rate over ``epochs`` passes, with augmentation."""
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 12, seed: int = 0,
+                     progress: bool = False) -> Classifier:
+    """Adam with a one-cycle learning rate over ``epochs`` passes, with augmentation; ``progress``: a bar."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = Classifier()
@@ -100,13 +113,15 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 1
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
     model.train()
-    for _ in range(epochs):
-        for index in torch.randperm(len(images), generator=generator).split(128):
-            loss = F.cross_entropy(model(augment(images[index], generator)), labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+    with tqdm(total=steps, desc="classifier", file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
+        for _ in range(epochs):
+            for index in torch.randperm(len(images), generator=generator).split(128):
+                loss = F.cross_entropy(model(augment(images[index], generator)), labels[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                bar.update()
     return model.eval()
 
 
@@ -118,39 +133,78 @@ def fingerprint(root: str, dataset: str = "mnist") -> str:
                     for f in entries)
 
 
-def _read_cache(cache: str) -> dict[str, Any] | None:
-    try:
-        saved = torch.load(cache, map_location="cpu", weights_only=True)
-    except Exception:  # absent or unreadable: it is only a cache, so train anew
-        return None
-    return saved if isinstance(saved, dict) else None
-
-
 def default_cache(dataset: str = "mnist") -> str:
-    return os.path.join("checkpoints", "classifier", f"classifier_{dataset}.pt")
+    return os.path.join("checkpoints", "classifier", f"classifier_{dataset}.safetensors")
+
+
+def default_classifier(dataset: str = "mnist") -> str:
+    """The bundled classifier for MNIST (when this copy of the project has it), else the default cache."""
+    return BUNDLED if dataset == "mnist" and os.path.isfile(BUNDLED) else default_cache(dataset)
+
+
+def is_bundled(path: str) -> bool:
+    return os.path.isfile(BUNDLED) and os.path.exists(path) and os.path.samefile(path, BUNDLED)
+
+
+def half_precision(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state with its floating-point tensors rounded to float16."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+
+
+def save_classifier(path: str, model: Classifier, info: dict[str, Any]) -> None:
+    """``model``'s weights in float16 and ``info`` (numbers and strings) as a checked safetensors file."""
+    weights_io.write(path, half_precision(model), {"format": FORMAT, **{k: json.dumps(v) for k, v in info.items()}})
+
+
+def read_classifier(path: str) -> tuple[Classifier, dict[str, Any]]:
+    """A classifier file and what it says of itself; a one-line :class:`UsageError` for anything else."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    try:
+        if not weights_io.looks_like_safetensors(blob):
+            raise weights_io.DamagedFile("it is not a safetensors file")
+        meta = weights_io.read_header(blob)
+        if meta.get("format") != FORMAT:
+            raise weights_io.DamagedFile("it is not a classifier file of this project")
+        info = {k: json.loads(v) for k, v in meta.items() if k != "format"}
+        model = Classifier()
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                               for k, v in weights_io.read_tensors(blob).items()})
+    except (weights_io.DamagedFile, json.JSONDecodeError, RuntimeError) as err:
+        raise UsageError(f"{path!r} is not a classifier this project can use ({str(err).splitlines()[0][:200]}); "
+                         "it was left as it is: choose another --classifier-cache") from None
+    if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
+        raise UsageError(f"{path!r} holds NaN or infinite weights; it was left as it is: choose another file")
+    return model.eval(), info
 
 
 def load_or_train(root: str, cache: str, epochs: int = 12, dataset: str = "mnist") -> tuple[Classifier, dict[str, Any]]:
-    """The cached classifier for ``root``'s ``dataset``, or a newly trained (and cached) one."""
-    stamp = fingerprint(root, dataset)
-    saved = _read_cache(cache)
-    if saved is not None:
-        found = (saved.get("dataset", "mnist"), saved.get("fingerprint"), saved.get("epochs"))
-        if found == (dataset, stamp, epochs):
-            model = Classifier()
-            model.load_state_dict(saved["model"])
-            return model.eval(), saved
+    """The classifier in ``cache``, or a newly trained one written there.
+
+    The bundled classifier is used as it is. A cache is used when it was trained on the same files of
+    ``root``'s ``dataset`` for ``epochs``, and trained again (and replaced) when not; a file at ``cache`` that
+    is not a classifier cache is never replaced (:class:`UsageError`).
+    """
+    if os.path.exists(cache):
+        model, saved = read_classifier(cache)
+        if is_bundled(cache) or (saved.get("dataset"), saved.get("fingerprint"), saved.get("epochs")) == (
+                dataset, fingerprint(root, dataset), epochs):
+            return model, saved
+        why = "its training files have changed" if saved.get("dataset") == dataset else f"it is for {saved.get('dataset')}"
+        print(f"note: the classifier in {cache!r} is out of date ({why}); training it again", file=sys.stderr)
     images, labels = load_dataset(root, train=True, download=False, name=dataset)
     test_images, test_labels = load_dataset(root, train=False, download=False, name=dataset)
-    started = time.perf_counter()
-    model = train_classifier(images, labels, epochs)
-    accuracy = (predict(model, test_images) == test_labels).float().mean().item()
-    saved = {"model": model.state_dict(), "fingerprint": stamp, "epochs": epochs, "test_accuracy": accuracy,
-             "dataset": dataset,
-             "train_size": len(images), "test_size": len(test_images),
-             "train_seconds": time.perf_counter() - started}
     ensure_writable_dir(os.path.dirname(os.path.abspath(cache)), "cache folder")
-    atomic_write(cache, lambda tmp: torch.save(saved, tmp))
+    print(f"training a {dataset} classifier on the {len(images):,} training images of {root!r} (minutes on a CPU; "
+          f"once: it is kept in {cache!r})", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    model = train_classifier(images, labels, epochs, progress=True)
+    model.load_state_dict(half_precision(model))  # what the file keeps, so the accuracy is the file's
+    saved = {"dataset": dataset, "fingerprint": fingerprint(root, dataset), "epochs": epochs,
+             "test_accuracy": (predict(model, test_images) == test_labels).float().mean().item(),
+             "train_size": len(images), "test_size": len(test_images),
+             "train_seconds": round(time.perf_counter() - started, 1)}
+    save_classifier(cache, model, saved)
     return model, saved
 
 
@@ -167,14 +221,15 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--data-root", default="./data",
                    help="folder holding MNIST/raw or FashionMNIST/raw (default ./data)")
     p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist", help="default mnist")
-    p.add_argument("--cache", help="where the trained classifier is kept (default checkpoints/classifier/"
-                                   "classifier_<dataset>.pt)")
+    p.add_argument("--cache", help="where the trained classifier is kept (default: the bundled one for MNIST, "
+                                   "else checkpoints/classifier/classifier_<dataset>.safetensors)")
     p.add_argument("--epochs", type=positive_int, default=12, help="training epochs (default 12)")
     args = p.parse_args(argv)
     prepare_process(default_speed(torch.device("cpu")))  # it trains on the CPU: keep freed memory for the next step
-    model, info = load_or_train(args.data_root, args.cache or default_cache(args.dataset), args.epochs, args.dataset)
+    model, info = load_or_train(args.data_root, args.cache or default_classifier(args.dataset), args.epochs,
+                                args.dataset)
     print(f"classifier ({args.dataset}): test accuracy {info['test_accuracy']:.4f} on {info['test_size']} test images "
-          f"(trained on {info['train_size']}, {info['train_seconds']:.0f}s)")
+          f"(trained on {info['train_size']} in {info['train_seconds']:.0f}s)")
     return 0
 
 

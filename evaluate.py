@@ -7,7 +7,8 @@
     python evaluate.py --checkpoint pretrained --data-root DATA                # the bundled model
 
 For each row, ``--n`` digits of every class are generated (the same digits ``sample.py --n N`` would draw
-with the same seed and settings) and scored with the project's own MNIST classifier (``classifier.py``)
+with the same seed and settings) and scored with the project's own MNIST classifier (``classifier.py``; the
+bundled one unless --classifier-cache names another)
 by ``metrics.Reference``: accuracy (overall, and per digit below the table), FID in features taken at three
 depths of the classifier, the FID of its penultimate features alone (the earlier metric), precision,
 recall and diversity. The last row is the floor: the same metrics for as many real training digits of the
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 import classifier as clf
-from checkpoint import bundled_note, find_checkpoint, load_sampler
+from checkpoint import find_checkpoint, load_sampler, model_note
 from cli import ArgumentParser, add_sampling_args, interval_from_args, pick_device, positive_int, run_cli
 from cli import weak_model_from_args
 from config import UsageError, flag_name
@@ -91,8 +92,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data-root", default="./data",
                    help="folder holding MNIST/raw (or FashionMNIST/raw), train and test (default ./data)")
     p.add_argument("--classifier-cache",
-                   help="the classifier for the checkpoint's dataset "
-                        "(default checkpoints/classifier/classifier_<dataset>.pt)")
+                   help="the classifier file: for MNIST the bundled one by default; any other is trained on "
+                        "--data-root on first use and kept there (default "
+                        "checkpoints/classifier/classifier_<dataset>.safetensors)")
     p.add_argument("--classifier-epochs", type=positive_int, default=12, help="epochs if it must be trained")
     args = p.parse_args(argv)
     if args.n < 2:  # the diversity compares two digits of one class
@@ -169,17 +171,18 @@ def _main(argv: Sequence[str] | None) -> int:
     else:
         path, bundled = find_checkpoint(args.checkpoint)
         ddpm, ckpt = load_sampler(path, device)
-        if bundled:
-            print(bundled_note(path, ckpt), file=sys.stderr)
         settings = sampler_settings(args, ddpm.T)  # bad flags fail before any classifier training
         weak = weak_model_from_args(args, ddpm)
         dataset, labels = ckpt["config"].dataset, requested_labels(None, args.n, ddpm.eps_model.n_classes)
-    cache = args.classifier_cache or clf.default_cache(dataset)
+    cache = args.classifier_cache or clf.default_classifier(dataset)
     model, info = clf.load_or_train(args.data_root, cache, args.classifier_epochs, dataset)
     ref = reference(model, args.data_root, args.seed, dataset)
     if args.npz:
         rows = [{"name": os.path.basename(args.npz), **ref.score(images, labels)}]
     else:
+        note = model_note(path, ckpt, bundled)  # once every input is known to be good
+        if note:
+            print(note, file=sys.stderr)
         print(f"checkpoint {path} (epoch {ckpt['epoch']}, T={ddpm.T}, n_feat={ckpt['config'].model.n_feat})"
               + (f", weak model {args.weak_model}" if weak is not None else ""), file=sys.stderr)
         rows = score_checkpoint(ddpm, settings, labels, args.seed, args.batch_size, ref, weak)

@@ -64,7 +64,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-download", action="store_true", help="never download MNIST; fail if it is missing")
     p.add_argument("--out-dir", default="experiments", help="where runs and the table go (default ./experiments)")
     p.add_argument("--images-dir", help="copy the loss plots and chosen grids here (e.g. images)")
-    p.add_argument("--classifier-cache", help="default checkpoints/classifier/classifier_mnist.pt")
+    p.add_argument("--classifier-cache", help="the classifier file (default: the bundled one)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     args = p.parse_args(argv)
     for T in args.T:
@@ -201,7 +201,7 @@ def _main(argv: Sequence[str] | None) -> int:
             ensure_writable_dir(folder, "output folder")
     device = pick_device(args.device)
     data = load_dataset(args.data_root, train=True, download=not args.no_download)  # before the classifier reads it
-    model, info = clf.load_or_train(args.data_root, args.classifier_cache or clf.default_cache("mnist"))
+    model, info = clf.load_or_train(args.data_root, args.classifier_cache or clf.default_classifier("mnist"))
     ref = Reference(model, data, load_dataset(args.data_root, train=False, download=False))
     floor = ref.floor(requested_labels(None, args.eval_n, 10))
     few = few_step_sampling(args).resolve(min(args.T)).describe()

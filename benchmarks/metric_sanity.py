@@ -69,7 +69,7 @@ def _main(argv: Sequence[str] | None) -> int:
     p = ArgumentParser(prog="metric_sanity.py", description="The quality metric on real digits with defects.")
     p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw (default ./data)")
     p.add_argument("--per-class", type=positive_int, default=100, help="real digits per class (default 100)")
-    p.add_argument("--classifier-cache", default=clf.default_cache("mnist"))
+    p.add_argument("--classifier-cache", default=clf.default_classifier("mnist"))
     args = p.parse_args(argv)
     model, info = clf.load_or_train(args.data_root, args.classifier_cache)
     train, test = (load_dataset(args.data_root, train=split, download=False) for split in (True, False))

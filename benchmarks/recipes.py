@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from checkpoint import checkpoints_in, load_checkpoint, newest_checkpoint  # noqa: E402
+from classifier import default_classifier  # noqa: E402
 from cli import ArgumentParser, non_negative_float, positive_int, run_cli  # noqa: E402
 from config import UsageError  # noqa: E402
 
@@ -230,9 +231,9 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--list", action="store_true", help="print the recipes and stop")
     p.add_argument("--train-args", default="", help="more train.py flags for every run, one string "
                                                      "(--train-args='--grid-steps 0')")
-    p.add_argument("--classifier-cache", help="evaluate.py's classifier (default <out-dir>/classifier.pt)")
+    p.add_argument("--classifier-cache", help="evaluate.py's classifier (default: the bundled one)")
     args = p.parse_args(argv)
-    args.classifier_cache = args.classifier_cache or os.path.join(args.out_dir, "classifier.pt")
+    args.classifier_cache = args.classifier_cache or default_classifier()
     if args.list:
         print("\n".join(f"{name}: {' '.join(flags) or f'(the {BASE_PRESET} preset)'}"
                         for name, flags in RECIPES.items()))

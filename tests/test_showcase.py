@@ -144,7 +144,11 @@ def test_evaluate_uses_a_classifier_per_dataset(fashion_run, tmp_path, monkeypat
     args = ["--checkpoint", fashion_run["checkpoint"], "--data-root", fashion_run["data"], "--n", "2",
             "--steps", "2", "--classifier-epochs", "1", "--device", "cpu"]
     assert evaluate.main(args) == 0
-    out = capsys.readouterr().out
-    assert "fashion-mnist classifier" in out and "real training images" in out
-    assert os.path.exists(os.path.join("checkpoints", "classifier", "classifier_fashion-mnist.pt"))
+    captured = capsys.readouterr()
+    assert "fashion-mnist classifier" in captured.out and "real training images" in captured.out
+    cache = os.path.join("checkpoints", "classifier", "classifier_fashion-mnist.safetensors")
+    assert os.path.exists(cache)  # the first use trained it, and said so in one line before its progress bar
+    said = [line for line in captured.err.splitlines() if "classifier" in line and "%" not in line]
+    assert said == [f"training a fashion-mnist classifier on the 64 training images of {fashion_run['data']!r} "
+                    f"(minutes on a CPU; once: it is kept in {cache!r})"]
     assert DATASETS["fashion-mnist"].class_names[9] == "Ankle boot"
