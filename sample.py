@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from checkpoint import bundled_note, export_weights, find_checkpoint, load_sampler
+from checkpoint import export_weights, find_checkpoint, load_sampler, model_note
 from cli import ArgumentParser, add_sampling_args, non_negative_float, pick_device, positive_int, run_cli
 from cli import sampling_from_args, weak_model_from_args
 from config import Config, UsageError
@@ -111,6 +111,22 @@ def save_strip(states: torch.Tensor, path: str) -> None:
 def _save_npz(path: str, images: np.ndarray, labels: np.ndarray, dataset: str) -> None:
     with open(path, "wb") as f:  # a file object, so numpy does not append ".npz" to the temp name
         np.savez_compressed(f, images=images, labels=labels.astype(np.int64), dataset=np.array(dataset))
+
+
+OUTPUTS = {"out": ".png", "trajectory": ".png", "gif": ".gif", "npz": ".npz"}  # flag -> the file type it writes
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse an output path that names a folder or another file type, before any model is loaded."""
+    for name, suffix in OUTPUTS.items():
+        path = getattr(args, name)
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            raise UsageError(f"--{name} {path!r} is a folder; give a file name ending in {suffix}")
+        if not path.lower().endswith(suffix):
+            raise UsageError(f"--{name} writes a {suffix[1:].upper()} file: give a name ending in {suffix}, "
+                             f"got {path!r}")
 
 
 def check_modes(args: argparse.Namespace) -> None:
@@ -205,14 +221,13 @@ def export(args: argparse.Namespace) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     check_modes(args)
+    check_outputs(args)
     if args.export_weights:
         return export(args)
     path, bundled = find_checkpoint(args.checkpoint)
     device = pick_device(args.device)
     prepare_process(default_speed(device))
     ddpm, ckpt = load_sampler(path, device)
-    if bundled:
-        print(bundled_note(path, ckpt), file=sys.stderr)
     if args.digit is not None:
         check_class(args.digit, "--digit", ckpt["config"])
     for k in args.interpolate or ():  # before output_targets makes any folder
@@ -220,6 +235,9 @@ def _main(argv: Sequence[str] | None) -> int:
     how = sampling_from_args(args, ddpm.T)
     weak = weak_model_from_args(args, ddpm)
     out = output_targets(args)
+    note = model_note(path, ckpt, bundled)  # once every input is known to be good
+    if note:
+        print(note, file=sys.stderr)
     started = time.perf_counter()
     if args.guidance_grid:
         x, what = draw_guidance_grid(ddpm, ckpt["config"], how, args, out, weak)

@@ -170,12 +170,17 @@ def snapshot(folder: str) -> dict[str, tuple[int, bytes]]:
     (["--sampler", "ddpm", "--eta", "0"], "takes no eta"),
     (["--frames", "5"], "give --gif"),
     (["--interpolate", "3", "12", "--out", "newdir/x.png"], "--interpolate"),
+    (["--out", "x.jpg", "--checkpoint", "missing.pt"], "--out writes a PNG file: give a name ending in .png"),
+    (["--out", "somedir", "--checkpoint", "missing.pt"], "--out 'somedir' is a folder"),
+    (["--gif", "x.png"], "name ending in .gif"),
+    (["--npz", "somedir"], "is a folder"),
 ])
 def test_sample_bad_input(trained_run, tmp_path, monkeypatch, capsys, args, words):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 not really a zip")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     (tmp_path / "blocker").write_text("a file where a folder should be")
+    os.makedirs("somedir")  # a folder where a file should be; missing.pt: the --out checks come before loading
     if "--checkpoint" not in args:
         args = args + ["--checkpoint", trained_run["checkpoint"]]
     before = snapshot(trained_run["out"])
