@@ -11,6 +11,7 @@ import errno
 import os
 import random
 import re
+import resource
 import signal
 import socket
 import stat
@@ -300,42 +301,44 @@ def test_nan_weights_stop_the_run_and_the_last_good_checkpoint_stays(fake_mnist,
     assert not os.path.exists(os.path.join(out, "DDMP_generated_samples_8_8", "samples_epoch2_8_8.png"))
 
 
-def full_disk_on_second_call(real, path_of, seen: list, kept: dict, checkpoint_path: str):
-    """``real`` (a writer), failing with ENOSPC on its second call after writing a little of its file."""
-
-    def writer(*args, **kwargs):
-        seen.append(1)
-        if len(seen) < 2:
-            return real(*args, **kwargs)
-        with open(checkpoint_path, "rb") as f:
-            kept["bytes"] = f.read()
-        with open(path_of(args), "wb") as f:
-            f.write(b"half a file")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    return writer
+def sizes(out: str) -> dict[str, int]:
+    """The sizes of the files a tiny run wrote: its grids, loss plot and checkpoint."""
+    grids = os.path.join(out, "DDMP_generated_samples_8_8")
+    return {"grid": min(os.path.getsize(os.path.join(grids, f)) for f in os.listdir(grids)),
+            "plot": os.path.getsize(os.path.join(out, "loss_plot_8_8.png")),
+            "checkpoint": os.path.getsize(checkpoint.checkpoint_path(out, 8, 8))}
 
 
-@pytest.mark.parametrize("target", ["checkpoint", "loss plot"])
-def test_a_full_disk_stops_the_run_and_keeps_the_checkpoint(fake_mnist, tmp_path, monkeypatch, capsys, target):
-    import matplotlib.figure
+def file_size_limit(limit: int):
+    """For a child process: files may grow to ``limit`` bytes, and a write past it fails with EFBIG (``File too
+    large``) instead of killing the process (SIGXFSZ ignored), as a full disk fails a write with ENOSPC."""
 
+    def limit_the_child() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_the_child
+
+
+@pytest.mark.parametrize("victim", ["grid", "checkpoint"])
+def test_a_real_write_failure_ends_in_one_line_and_keeps_the_last_checkpoint(fake_mnist, tmp_path, victim):
+    """A run over a finished one (``--overwrite``) in a process whose files cannot grow past a limit: below the
+    first grid's size, or between the pictures' sizes and the checkpoint's. The write fails in the real writers
+    (PIL's, torch's serialisation), and the run ends with one line and status 1, the old checkpoint whole."""
     out = str(tmp_path / "out")
-    path = checkpoint.checkpoint_path(out, 8, 8)
-    seen, kept = [], {}
-    if target == "checkpoint":
-        monkeypatch.setattr(torch, "save", full_disk_on_second_call(torch.save, lambda a: a[1].name, seen, kept,
-                                                                    path))
-        failed = path
-    else:
-        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk_on_second_call(
-            matplotlib.figure.Figure.savefig, lambda a: a[1], seen, kept, path))
-        failed = os.path.join(out, "loss_plot_8_8.png")
-    assert train.main(TINY_TRAIN + ["--data-root", fake_mnist, "--out-dir", out]) == 1
-    assert one_line_after_progress(capsys) == f"train.py: error: cannot write {failed!r}: No space left on device"
-    with open(path, "rb") as f:
-        assert f.read() == kept["bytes"]
-    assert checkpoint.load_checkpoint(path)["epoch"] == 1
+    assert train.main(TINY_TRAIN + ["--data-root", fake_mnist, "--out-dir", out]) == 0
+    path, size = checkpoint.checkpoint_path(out, 8, 8), sizes(out)
+    assert size["checkpoint"] > 2 * max(size["grid"], size["plot"])  # room for a limit between them
+    limit = size["grid"] // 2 if victim == "grid" else (max(size["grid"], size["plot"]) + size["checkpoint"]) // 2
+    kept = open(path, "rb").read()
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_TRAIN, "--data-root", fake_mnist,
+                           "--out-dir", out, "--overwrite"], capture_output=True, text=True, timeout=300,
+                          env={**ENV, "PYTHONDONTWRITEBYTECODE": "1"}, preexec_fn=file_size_limit(limit))
+    failed = os.path.join(out, "DDMP_generated_samples_8_8", "samples_epoch1_8_8.png") if victim == "grid" else path
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and done.stderr.count("error") == 1, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == f"train.py: error: cannot write {failed!r}: File too large"
+    assert open(path, "rb").read() == kept and checkpoint.load_checkpoint(path)["epoch"] == 2
     assert leftovers(out) == [] and not os.path.exists(os.path.join(out, "checkpoints", "ddpm_8_8.lock"))
 
 
