@@ -9,9 +9,9 @@
     python sample.py --guidance-grid 0 1 2 4   # one row per guidance scale, same noise -> guidance_grid.png
 
 Reads the newest checkpoint in ./checkpoints unless --checkpoint is given; when there is none, the bundled
-model (pretrained/mnist.pt), saying so on stderr. ``--checkpoint pretrained`` asks for the bundled model.
+model (pretrained/mnist.safetensors), saying so on stderr. ``--checkpoint pretrained`` asks for the bundled model.
 
-    python sample.py --export-weights mine.pt  # the newest checkpoint as a compact weights file, then exit
+    python sample.py --export-weights mine.safetensors  # the newest checkpoint as a weights file, then exit
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ DEFAULT_FRAMES = 24  # frames of a --gif
 EXAMPLES = (
     "python sample.py --digit 7                 # 10 sevens -> samples_7.png",
     "python sample.py --n 100 --npz out.npz     # 1,000 digits as arrays, for evaluate.py",
-    "python sample.py --export-weights mine.pt  # the newest checkpoint as a small weights file",
+    "python sample.py --export-weights mine.safetensors  # the newest checkpoint as a small weights file",
 )
 
 

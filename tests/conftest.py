@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import sys
@@ -62,6 +63,17 @@ def train_tiny(root, flags: list[str] = TINY_TRAIN, folder: str = "MNIST") -> di
     out = str(root / "out")
     assert train.main(flags + ["--data-root", data, "--out-dir", out]) == 0
     return {"data": data, "out": out, "checkpoint": os.path.join(out, "checkpoints", "ddpm_8_8.pt")}
+
+
+@contextlib.contextmanager
+def all_cores():
+    """Every core for one of the suite's few large jobs (the tiny models above run on one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def one_line_error(capsys) -> str:

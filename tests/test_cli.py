@@ -269,3 +269,20 @@ def test_readme_names_every_registered_sampler_and_the_default():
         assert f"`{name}`" in row, name
     default = ddpm.SAMPLERS[ddpm.DEFAULT_SAMPLER]
     assert f"`{ddpm.DEFAULT_SAMPLER}`" in row.split("|")[2] and f"{default.default_steps} steps" in row
+
+
+@pytest.mark.parametrize("epoch, step, words", [
+    (1, 0, "is from an unfinished run (1 of 2 epochs done); expect rough digits, or noise; finish it with its "
+           "train.py command and --resume (e.g. 'python train.py --preset default --data-root DATA --resume')"),
+    (0, 3, "is from an unfinished run (0 of 2 epochs done)"),
+    (2, 0, "was trained for only 8 steps; expect rough digits, or noise (--preset cpu trains 1,256: "
+           "'python train.py --preset cpu --data-root DATA')"),
+])
+def test_sample_says_when_its_model_is_from_an_unfinished_or_short_run(trained_run, tmp_path, capsys, epoch, step,
+                                                                       words):
+    ckpt = torch.load(trained_run["checkpoint"], weights_only=True)
+    path = str(tmp_path / "ddpm_8_8.pt")
+    torch.save({**ckpt, "epoch": epoch, "step": step}, path)
+    assert sample.main(["--checkpoint", path, "--n", "1", "--steps", "2", "--out", str(tmp_path / "x.png")]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {path} {words}"] if epoch else len(notes) == 1 and words in notes[0]

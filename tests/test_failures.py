@@ -12,6 +12,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import signal
 import socket
 import stat
@@ -321,17 +322,17 @@ def file_size_limit(limit: int):
 
 
 @pytest.mark.parametrize("victim", ["grid", "checkpoint"])
-def test_a_real_write_failure_ends_in_one_line_and_keeps_the_last_checkpoint(fake_mnist, tmp_path, victim):
+def test_a_real_write_failure_ends_in_one_line_and_keeps_the_last_checkpoint(trained_run, tmp_path, victim):
     """A run over a finished one (``--overwrite``) in a process whose files cannot grow past a limit: below the
     first grid's size, or between the pictures' sizes and the checkpoint's. The write fails in the real writers
     (PIL's, torch's serialisation), and the run ends with one line and status 1, the old checkpoint whole."""
-    out = str(tmp_path / "out")
-    assert train.main(TINY_TRAIN + ["--data-root", fake_mnist, "--out-dir", out]) == 0
+    out, data = str(tmp_path / "out"), trained_run["data"]
+    shutil.copytree(trained_run["out"], out)
     path, size = checkpoint.checkpoint_path(out, 8, 8), sizes(out)
     assert size["checkpoint"] > 2 * max(size["grid"], size["plot"])  # room for a limit between them
     limit = size["grid"] // 2 if victim == "grid" else (max(size["grid"], size["plot"]) + size["checkpoint"]) // 2
     kept = open(path, "rb").read()
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_TRAIN, "--data-root", fake_mnist,
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_TRAIN, "--data-root", data,
                            "--out-dir", out, "--overwrite"], capture_output=True, text=True, timeout=300,
                           env={**ENV, "PYTHONDONTWRITEBYTECODE": "1"}, preexec_fn=file_size_limit(limit))
     failed = os.path.join(out, "DDMP_generated_samples_8_8", "samples_epoch1_8_8.png") if victim == "grid" else path

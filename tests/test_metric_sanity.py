@@ -8,14 +8,13 @@ They score with the bundled classifier, the one ``evaluate.py`` uses; the table 
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
-import torch
 
 import classifier
 from benchmarks.metric_sanity import defects, two_real_samples
+from conftest import all_cores
 from data import load_dataset
 from metrics import Reference
 
@@ -23,17 +22,6 @@ ROOT = os.environ.get("MNIST_DATA_ROOT", "data")
 pytestmark = pytest.mark.skipif(
     not os.path.isfile(os.path.join(ROOT, "MNIST", "raw", "t10k-images-idx3-ubyte")),
     reason="real MNIST not found: set MNIST_DATA_ROOT to a data root holding MNIST/raw")
-
-
-@contextlib.contextmanager
-def all_cores():
-    """Every core for the suite's one large job (tests/conftest.py sets one thread for the tiny models)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

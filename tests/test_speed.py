@@ -14,7 +14,6 @@ import torch
 import speed
 import train
 import training
-from checkpoint import build_ddpm
 from conftest import TINY_TRAIN, write_fake_mnist
 from data import batches
 from optimizers import OPTIMIZERS, make_optimizer
