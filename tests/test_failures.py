@@ -171,7 +171,7 @@ def test_kill_9_at_random_moments_loses_nothing(data, reference, tmp_path):
     rng, out = random.Random(15), str(tmp_path / "out")
     path, lock = checkpoint.checkpoint_path(out, 8, 8), os.path.join(out, "checkpoints", "ddpm_8_8.lock")
     kills, loaded, temps, holder, left = 0, 0, 0, "", []
-    while kills < 10:
+    while kills < 8:
         done = torch.load(path, weights_only=True)["epoch"] if os.path.exists(path) else 0
         run = Run(data, out, *(["--resume"] if os.path.exists(path) else []))
         wait_for_kill_moment(run, rng, kills % 4, done, reference["start"])
@@ -191,7 +191,7 @@ def test_kill_9_at_random_moments_loses_nothing(data, reference, tmp_path):
     assert last.wait() == 0, last.stderr()[-2000:]
     print(f"kill -9 loop: {kills} kills, {loaded} checkpoints loaded after them, {temps} temp files left "
           "by a kill (removed by the next run)")
-    assert loaded >= 5 and leftovers(out) == [] and not os.path.exists(lock)
+    assert loaded >= 4 and leftovers(out) == [] and not os.path.exists(lock)
     assert_same_run(torch.load(last.checkpoint, weights_only=True), reference["ckpt"])
 
 
