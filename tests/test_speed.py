@@ -88,8 +88,8 @@ def test_keeping_freed_memory_spares_the_page_faults_of_each_new_block():
                                       capture_output=True, text=True).stdout)
               for how in ("default", "keep")}
     pages = 20 * 2 ** 25 // 4096  # 20 blocks of 32 MiB in pages of 4 KiB (fewer faults with huge pages)
-    assert faults["keep"] < pages // 100  # the first block's pages, reused
-    assert faults["default"] > 10 * max(faults["keep"], 1)  # each block mapped and faulted in anew
+    assert faults["keep"] < pages // 100, faults  # the first block's pages, reused
+    assert faults["default"] > 10 * max(faults["keep"], 1), faults  # each block mapped and faulted in anew
 
 
 def test_both_layout_flags_are_a_usage_error(capsys):
