@@ -1,96 +1,55 @@
-"""Train the class-conditional DDPM on MNIST (or Fashion-MNIST): the command line of ``training.train``.
+"""Train the class-conditional DDPM on MNIST (or Fashion-MNIST).
 
     python train.py                                   # the ancestor's run: T=500, n_feat=128, 20 epochs
-    python train.py --preset cpu --data-root ../data  # small configuration for a laptop CPU
-    python train.py --resume                          # continue an interrupted run
-    python train.py --dataset fashion-mnist           # Fashion-MNIST; file names gain a "fashion-mnist_" prefix
+    python train.py --preset cpu --data-root DATA     # the small model, minutes on a 2-core CPU
 
-After every epoch, under --out-dir:
-    DDMP_generated_samples_<T>_<n_feat>/samples_epoch<e>_<T>_<n_feat>.png   grid, digits 0..9 in columns
-    loss_plot_<T>_<n_feat>.png                                               loss per step and per epoch
-    checkpoints/ddpm_<T>_<n_feat>.pt                                         written atomically
-
-Ctrl-C or SIGTERM saves a checkpoint after the current step (exit 130 / 143); --resume continues from
-that step. A NaN loss or a failed write stops the run (exit 1), keeping the last good checkpoint.
+After every epoch, under --out-dir (NAME = --name, default <T>_<n_feat>): a grid
+DDMP_generated_samples_NAME/samples_epoch<e>_NAME.png, loss_plot_NAME.png and checkpoints/ddpm_NAME.pt.
 """
-
-from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import re
 import sys
-from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
 
-import distributed
-from checkpoint import load_training_checkpoint
-from cli import ArgumentParser, pick_device, positive_int, run_cli, typed
-from config import PRESETS, Config, UsageError, flag_name, settings
-from data import DATASETS, load_dataset
-from distributed import Shard
-from speed import PLAIN, Speed, default_speed, with_switches_off
-from training import claim_outputs, output_paths, train
-
-EXAMPLES = (
-    "python train.py --preset cpu --data-root DATA      # the small model, minutes on a laptop CPU",
-    "python train.py --data-root DATA                   # the original run (T=500, n_feat=128), for a GPU",
-    "python train.py --preset cpu --data-root DATA --resume   # continue an interrupted run",
-)
-
-
-def format_default(value: object) -> str:
-    return value if isinstance(value, str) else f"{value:g}"
-
-
-def add_setting_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per setting of ``config.Config`` that the command line sets (``n_feat`` -> ``--n-feat``)."""
-    default = PRESETS["default"].flat()
-    for name, (_, f) in settings().items():
-        if f.metadata["flag"]:
-            p.add_argument(flag_name(name), dest=name, type=typed(f.metadata["rule"]),
-                           help=f"{f.metadata['help']} (default {format_default(default[name])})")
+from lib import distributed
+from lib.checkpoint import load_training_checkpoint, run_name
+from lib.cli import ArgumentParser, pick_device, run_cli, typed
+from lib.config import PRESETS, Config, flag_name, settings
+from lib.data import DATASETS, load_dataset
+from lib.errors import UsageError
+from lib.speed import PLAIN, Speed, default_speed
+from lib.training import claim_outputs, output_paths, train
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = ArgumentParser(prog="train.py", description="Train a class-conditional DDPM on MNIST.", examples=EXAMPLES)
+    p = ArgumentParser(prog="train.py", description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="starting values for every setting below (default: the ancestor's run)")
     p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist",
                    help="what to learn to draw (default mnist); read from <data-root>/MNIST or FashionMNIST")
-    add_setting_flags(p)
+    default = PRESETS["default"].flat()
+    for name, (_, f) in settings().items():  # one flag per command-line setting: n_feat -> --n-feat
+        if f.metadata["flag"]:
+            shown = default[name] if isinstance(default[name], str) else f"{default[name]:g}"
+            p.add_argument(flag_name(name), dest=name, type=typed(f.metadata["rule"]),
+                           help=f"{f.metadata['help']} (default {shown})")
     p.add_argument("--data-root", default="./data",
-                   help="folder holding MNIST/raw or FashionMNIST/raw (default ./data)")
-    p.add_argument("--no-download", action="store_true", help="never download the data; fail if it is missing")
+                   help="folder holding MNIST/raw or FashionMNIST/raw, downloaded there if missing (default ./data)")
     p.add_argument("--out-dir", default=".", help="where grids, the loss plot and checkpoints go (default .)")
+    p.add_argument("--name", help="the run's name in its file names (default <T>_<n_feat>)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     existing = p.add_mutually_exclusive_group()
-    existing.add_argument("--resume", action="store_true",
-                          help="continue this configuration's run from its checkpoint")
+    existing.add_argument("--resume", action="store_true", help="continue this run from its checkpoint")
     existing.add_argument("--overwrite", action="store_true", help="start over even if a checkpoint exists")
-    p.add_argument("--snapshot-epochs", type=positive_int, nargs="+", default=[], metavar="E",
-                   help="also keep a copy of the checkpoint after these epochs, in checkpoints/snapshots/")
-    add_speed_flags(p)
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--plain", action="store_true", help="turn the fast path off (fp32, eager, the loss read "
+                                                        "back every step): for debugging and comparisons")
     return p.parse_args(argv)
-
-
-def add_speed_flags(p: argparse.ArgumentParser) -> None:
-    fast = p.add_argument_group("speed (the fast path is chosen by device; these turn parts of it off)")
-    fast.add_argument("--plain", action="store_true",
-                      help="the plain path: fp32, a DataLoader, eager, the loss read back every step")
-    fast.add_argument("--no-amp", action="store_true", help="no bf16 autocast")
-    layout = fast.add_mutually_exclusive_group()
-    layout.add_argument("--channels-last", action="store_true",
-                        help="NHWC memory layout (by default only for fp32 on CPUs with AVX-512)")
-    layout.add_argument("--no-channels-last", action="store_true", help="NCHW memory layout")
-    fast.add_argument("--no-fused", action="store_true", help="Adam without its fused kernel")
-    fast.add_argument("--no-device-data", action="store_true", help="feed batches through a DataLoader")
-    fast.add_argument("--compile", action="store_true", help="torch.compile the network")
-    fast.add_argument("--no-keep-memory", action="store_true",
-                      help="let malloc hand freed memory back to the kernel (on a CPU it keeps it by default)")
-    fast.add_argument("--log-every", type=positive_int, help="read the loss back every N steps (default 25)")
 
 
 def explicit_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,26 +57,18 @@ def explicit_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in settings() if getattr(args, name, None) is not None}
 
 
-def speed_from_args(args: argparse.Namespace, device: torch.device) -> Speed:
-    """The fast path for ``device`` with the parts the flags turn off."""
-    speed = PLAIN if args.plain else default_speed(device, amp=False if args.no_amp else None)
-    off = [name for name, flag in (("fused_optimizer", args.no_fused), ("on_device_data", args.no_device_data),
-                                   ("channels_last", args.no_channels_last),
-                                   ("keep_freed_memory", args.no_keep_memory)) if flag]
-    speed = with_switches_off(speed, off)
-    return replace(speed, compile=args.compile or speed.compile,
-                   channels_last=args.channels_last or speed.channels_last, log_every=args.log_every or speed.log_every)
-
-
 def resolve_config(args: argparse.Namespace) -> Config:
     """The preset, overridden by explicit flags, shaped by the data set, and checked."""
     info = DATASETS[args.dataset]
-    config = PRESETS[args.preset].override(
-        **explicit_settings(args), image_size=info.image_size, in_channels=info.channels,
-        n_classes=info.n_classes, dataset=args.dataset, preset=args.preset)
-    if config.training.grid_steps > config.diffusion.T and args.grid_steps is None:
-        config = config.override(grid_steps=config.diffusion.T)  # a preset's default on a short schedule
-    return config.validate()
+    return PRESETS[args.preset].override(**explicit_settings(args), image_size=info.image_size,
+                                         in_channels=info.channels, n_classes=info.n_classes, dataset=args.dataset,
+                                         preset=args.preset).validate()
+
+
+def checked_name(args: argparse.Namespace, config: Config) -> str:
+    if args.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
+        raise UsageError(f"--name must be letters, digits, '.', '_' and '-' (it names files), got {args.name!r}")
+    return args.name or run_name(config)
 
 
 def start_state(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, Any] | None:
@@ -125,8 +76,10 @@ def start_state(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, An
     if args.resume:
         ckpt = load_training_checkpoint(paths["checkpoint"])
         stored, preset = ckpt["config"].flat(), ckpt["config"].preset
-        # The CPU presets share a checkpoint path (T, n_feat); "default" is also what files without a preset read.
-        if preset not in (args.preset, "default"):
+        if preset not in PRESETS:
+            raise UsageError(f"{paths['checkpoint']!r} was trained with --preset {preset}, which this version no "
+                             "longer has; use the version it was trained with to resume it")
+        if preset not in (args.preset, "default"):  # "default" is also what files without a preset read
             raise UsageError(f"--preset {args.preset} differs from the checkpoint's {preset}; "
                              f"pass --preset {preset} to resume {paths['checkpoint']!r}")
         for key, value in explicit_settings(args).items():
@@ -140,10 +93,16 @@ def start_state(args: argparse.Namespace, paths: dict[str, str]) -> dict[str, An
     return None
 
 
-def load_training_data(args: argparse.Namespace, dataset: str, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+def speed_for(args: argparse.Namespace, device: torch.device) -> Speed:
+    """The device's fast path (``lib.speed``), compiled with ``--compile``; all of it off with ``--plain``."""
+    return PLAIN if args.plain else default_speed(device, compile=args.compile)
+
+
+def load_training_data(args: argparse.Namespace, dataset: str,
+                       shard: distributed.Shard) -> tuple[torch.Tensor, torch.Tensor]:
     """The training split; with several processes rank 0 alone may download it, the others wait."""
     if shard.is_main:
-        data = load_dataset(args.data_root, train=True, download=not args.no_download, name=dataset)
+        data = load_dataset(args.data_root, train=True, download=True, name=dataset)
     distributed.barrier(shard)
     return data if shard.is_main else load_dataset(args.data_root, train=True, download=False, name=dataset)
 
@@ -151,18 +110,18 @@ def load_training_data(args: argparse.Namespace, dataset: str, shard: Shard) -> 
 def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     config = resolve_config(args)
-    paths = output_paths(args.out_dir, config)
+    paths = output_paths(args.out_dir, checked_name(args, config))
     ckpt = start_state(args, paths)
     config = ckpt["config"] if ckpt is not None else config
     shard, device = distributed.start(pick_device(args.device))
+    speed = speed_for(args, device)
     finished = False
     try:
         if device.type == "cpu" and config.model.n_feat >= 128 and shard.is_main:
             print("note: this configuration takes hours on a CPU; '--preset cpu' is sized for one", file=sys.stderr)
         images, labels = load_training_data(args, config.dataset, shard)
         with claim_outputs(args.out_dir, paths) if shard.is_main else contextlib.nullcontext():
-            train(config, images.to(device), labels.to(device), paths, speed_from_args(args, device), shard, ckpt,
-                  args.snapshot_epochs)
+            train(config, images.to(device), labels.to(device), paths, speed, shard, ckpt)
         finished = True
     finally:
         distributed.stop(wait=finished)

@@ -17,9 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # (tests/test_speed.py and tests/test_config.py: 57 s with two threads, 7 s with one, under load)
 torch.set_num_threads(1)
 
-# train.py flags that make a run take seconds on a CPU
-TINY_TRAIN = ["--T", "8", "--n-feat", "8", "--epochs", "2", "--batch-size", "16", "--grid-rows", "1",
-              "--lr", "1e-3", "--beta-start", "1e-3", "--beta-end", "0.2", "--device", "cpu", "--no-download"]
+# train.py flags that make a run of the CPU preset's recipe take seconds
+TINY_TRAIN = ["--preset", "cpu", "--T", "8", "--n-feat", "8", "--epochs", "2", "--batch-size", "16", "--lr", "1e-3",
+              "--device", "cpu"]
 
 
 def write_idx(path: str, array: np.ndarray) -> None:

@@ -9,10 +9,11 @@ import shutil
 import pytest
 import torch
 
-import checkpoint
-import classifier
+from lib import checkpoint
+from lib import classifier
 import evaluate
 from conftest import one_line_error, write_fake_mnist
+from tools import train_classifier
 
 
 def must_not_train(*args, **kwargs):
@@ -52,7 +53,7 @@ def test_the_bundled_classifier_is_used_as_it_is(tmp_path, monkeypatch):
 def test_first_use_says_that_it_trains_and_shows_progress(tmp_path, capsys):
     data = write_fake_mnist(str(tmp_path / "data"), n_train=100)
     cache = str(tmp_path / "clf.safetensors")
-    assert classifier.main(["--data-root", data, "--cache", cache, "--epochs", "1"]) == 0
+    assert train_classifier.main(["--data-root", data, "--cache", cache, "--epochs", "1"]) == 0
     err = capsys.readouterr().err
     said = [line for line in err.splitlines() if line.startswith("training a mnist classifier")]
     assert said == [f"training a mnist classifier on the 100 training images of {data!r} (minutes on a CPU; "
@@ -63,7 +64,7 @@ def test_first_use_says_that_it_trains_and_shows_progress(tmp_path, capsys):
 @pytest.fixture
 def tiny_weights(tmp_path) -> str:
     """A file that is not a classifier: a model's weights file (what a user might pass by mistake)."""
-    bundled = os.path.join(checkpoint.HERE, *checkpoint.BUNDLED["mnist"].split("/"))
+    bundled = checkpoint.bundled_path()
     if not os.path.isfile(bundled):
         pytest.skip("no bundled model in this copy of the project")
     return shutil.copyfile(bundled, tmp_path / "model.safetensors")
@@ -83,7 +84,7 @@ def test_a_file_that_is_not_a_classifier_cache_is_never_replaced(trained_run, tm
     monkeypatch.setattr(classifier, "train_classifier", must_not_train)
     for run in (lambda: evaluate.main(["--checkpoint", trained_run["checkpoint"], "--data-root", data, "--n", "2",
                                        "--classifier-cache", str(cache)]),
-                lambda: classifier.main(["--data-root", data, "--cache", str(cache)])):
+                lambda: train_classifier.main(["--data-root", data, "--cache", str(cache)])):
         assert run() == 2
         err = one_line_error(capsys)
         assert f"{str(cache)!r} is not a classifier this project can use" in err and "left as it is" in err
@@ -91,6 +92,6 @@ def test_a_file_that_is_not_a_classifier_cache_is_never_replaced(trained_run, tm
 
 
 def test_missing_data_is_one_line(tmp_path, capsys):
-    assert classifier.main(["--data-root", str(tmp_path / "none"), "--cache", str(tmp_path / "c.pt")]) == 2
+    assert train_classifier.main(["--data-root", str(tmp_path / "none"), "--cache", str(tmp_path / "c.pt")]) == 2
     assert "MNIST files not found" in one_line_error(capsys)
     assert not os.path.exists(tmp_path / "c.pt")

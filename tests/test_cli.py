@@ -11,12 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
+from lib import checkpoint
 import sample
 import train
-import training
+from lib import training
 from conftest import TINY_TRAIN, one_line_error, write_fake_mnist
-from data import first_images, load_dataset
+from lib import samplers
+from lib.config import PRESETS
+from lib.data import load_dataset
+from lib.samplers import Sampling
+from lib.samplers import sample as sample_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,9 +54,9 @@ def test_checkpoint_round_trip_gives_identical_outputs(trained_run, tmp_path):
     again, _ = checkpoint.load_sampler(copy, torch.device("cpu"))
     x, t, y = torch.randn(3, 1, 28, 28), torch.tensor([0, 4, 7]), torch.tensor([1, 5, 10])
     with torch.no_grad():
-        torch.testing.assert_close(ddpm.eps_model(x, t, y), again.eps_model(x, t, y), rtol=0, atol=0)
-    a = ddpm.sample(y[:2], generator=torch.Generator().manual_seed(0), sampler="ddpm")
-    b = again.sample(y[:2], generator=torch.Generator().manual_seed(0), sampler="ddpm")
+        torch.testing.assert_close(ddpm.model(x, t, y), again.model(x, t, y), rtol=0, atol=0)
+    a = sample_batch(ddpm, y[:2], Sampling("ddpm"), torch.Generator().manual_seed(0))
+    b = sample_batch(again, y[:2], Sampling("ddpm"), torch.Generator().manual_seed(0))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -72,7 +76,7 @@ def test_sample_one_digit_grid_and_npz(trained_run, tmp_path):
 
 
 @pytest.mark.parametrize("how", [["--sampler", "ddpm"], ["--steps", "4"], ["--sampler", "ddim", "--steps", "4"],
-                                 ["--sampler", "dpm++", "--steps", "3", "--eta", "0"]])
+                                 ["--sampler", "dpm++", "--steps", "3"]])
 def test_sample_with_each_sampler(trained_run, tmp_path, how):
     npz = str(tmp_path / "x.npz")
     args = ["--checkpoint", trained_run["checkpoint"], "--n", "1", "--npz", npz, "--out", str(tmp_path / "x.png")]
@@ -82,11 +86,13 @@ def test_sample_with_each_sampler(trained_run, tmp_path, how):
     np.testing.assert_array_equal(np.load(npz)["images"], first)
 
 
-def test_sample_every_digit_from_newest_checkpoint(trained_run, tmp_path, monkeypatch):
+def test_sample_every_digit_from_newest_checkpoint(trained_run, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(trained_run["out"])
-    npz = str(tmp_path / "all.npz")
-    assert sample.main(["--n", "2", "--npz", npz, "--out", str(tmp_path / "all.png"), "--guidance", "0"]) == 0
-    assert np.load(npz)["labels"].tolist() == list(range(10)) * 2
+    out = str(tmp_path / "all.png")
+    assert sample.main(["--n", "2", "--out", out, "--guidance", "0"]) == 0
+    assert f"from {os.path.join('checkpoints', 'ddpm_8_8.pt')} (epoch 2) -> {out}" in capsys.readouterr().err
+    with Image.open(out) as image:  # two rows of the ten digits
+        assert image.size == (10 * 30 + 2, 2 * 30 + 2)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "muon"])
@@ -105,43 +111,37 @@ def test_resume_continues_where_it_stopped(tmp_path, monkeypatch, optimizer):
     monkeypatch.setattr(training, "save_checkpoint", save_then_die)
     assert train.main(tiny_train + ["--data-root", data, "--out-dir", cut]) == 130
     monkeypatch.setattr(training, "save_checkpoint", real_save)
-    assert torch.load(checkpoint.checkpoint_path(cut, 8, 8), weights_only=True)["epoch"] == 1
+    assert torch.load(checkpoint.checkpoint_path(cut, "8_8"), weights_only=True)["epoch"] == 1
     assert train.main(tiny_train + ["--data-root", data, "--out-dir", cut, "--resume"]) == 0
 
-    a = torch.load(checkpoint.checkpoint_path(full, 8, 8), weights_only=True)
-    b = torch.load(checkpoint.checkpoint_path(cut, 8, 8), weights_only=True)
+    a = torch.load(checkpoint.checkpoint_path(full, "8_8"), weights_only=True)
+    b = torch.load(checkpoint.checkpoint_path(cut, "8_8"), weights_only=True)
     assert b["epoch"] == 2 and a["losses"] == b["losses"] and b["config"]["training"]["optimizer"] == optimizer
     for key in a["ema"]:
         torch.testing.assert_close(a["ema"][key], b["ema"][key], rtol=0, atol=0)
     assert os.path.exists(os.path.join(cut, "DDMP_generated_samples_8_8", "samples_epoch2_8_8.png"))
 
 
-def test_train_images_takes_the_first_n(tmp_path, capsys):
+def test_the_cpu_preset_trains_on_the_first_images_it_names(tmp_path, monkeypatch, capsys):
     data = write_fake_mnist(str(tmp_path / "data"))  # 64 training images
     out = str(tmp_path / "out")
-    assert train.main(TINY_TRAIN + ["--data-root", data, "--out-dir", out, "--train-images", "40"]) == 0
+    monkeypatch.setitem(PRESETS, "cpu", PRESETS["cpu"].override(train_images=40))
+    assert train.main(TINY_TRAIN + ["--data-root", data, "--out-dir", out]) == 0
     assert "training on 40 images" in capsys.readouterr().err
-    ckpt = torch.load(checkpoint.checkpoint_path(out, 8, 8), weights_only=True)
+    ckpt = torch.load(checkpoint.checkpoint_path(out, "8_8"), weights_only=True)
     assert len(ckpt["losses"]) == 2 * 3 and ckpt["config"]["training"]["train_images"] == 40  # 40 = 16 + 16 + 8
-
-
-def test_the_cpu_presets_train_on_the_first_10000_images():
-    first = first_images(torch.arange(60_000), torch.arange(60_000) % 10,
-                         train.resolve_config(train.parse_args(["--preset", "cpu"])).training.train_images)
-    assert first[0].tolist() == list(range(10_000)) and first[1].tolist() == [i % 10 for i in range(10_000)]
-    assert train.resolve_config(train.parse_args(["--preset", "cpu-2020"])).training.train_images == 10_000
     assert train.resolve_config(train.parse_args([])).training.train_images == 0  # the ancestor's run: all
 
 
 def test_resume_refuses_another_preset_sharing_the_checkpoint(tmp_path, capsys):
     data = write_fake_mnist(str(tmp_path / "data"))
     out = str(tmp_path / "out")
-    tiny = ["--preset", "cpu-2020", *TINY_TRAIN, "--data-root", data, "--out-dir", out]
+    tiny = [*TINY_TRAIN, "--data-root", data, "--out-dir", out]
     assert train.main(tiny + ["--epochs", "1"]) == 0
     capsys.readouterr()
     before = snapshot(out)
-    assert train.main(["--preset", "cpu", *tiny[2:], "--resume"]) == 2
-    assert "--preset cpu differs from the checkpoint's cpu-2020" in one_line_error(capsys)
+    assert train.main(["--preset", "default", *tiny[2:], "--epochs", "1", "--resume"]) == 2
+    assert "--preset default differs from the checkpoint's cpu" in one_line_error(capsys)
     assert snapshot(out) == before
 
 
@@ -165,10 +165,9 @@ def snapshot(folder: str) -> dict[str, tuple[int, bytes]]:
     (["--checkpoint", "foreign.pt"], "not a checkpoint written by train.py"),
     (["--out", "blocker/sub/x.png"], "cannot write"),
     (["--device", "cuda:7"], "--device"),
-    (["--steps", "9"], "at most T=8"),
+    (["--steps", "9"], "between 1 and T=8"),
     (["--sampler", "ddpm", "--steps", "4"], "always takes all T steps"),
-    (["--sampler", "ddpm", "--eta", "0"], "takes no eta"),
-    (["--frames", "5"], "give --gif"),
+    (["--gif", "x.gif", "--guidance-grid", "1", "2"], "does not go with --guidance-grid"),
     (["--interpolate", "3", "12", "--out", "newdir/x.png"], "--interpolate"),
     (["--out", "x.jpg", "--checkpoint", "missing.pt"], "--out writes a PNG file: give a name ending in .png"),
     (["--out", "somedir", "--checkpoint", "missing.pt"], "--out 'somedir' is a folder"),
@@ -200,7 +199,7 @@ def test_sample_bad_input(trained_run, tmp_path, monkeypatch, capsys, args, word
     (["--data-root", "nowhere"], "MNIST files not found"),
     (["--resume", "--out-dir", "empty"], "no checkpoint"),
     (["--out-dir", "RUN"], "already exists"),
-    (["--grid-steps", "9"], "at most T=8"),
+    (["--name", "../up"], "--name must be letters"),
     (["--resume", "--out-dir", "RUN", "--lr", "0.5"], "differs from the checkpoint"),
     (["--resume", "--overwrite", "--out-dir", "RUN"], "not allowed with"),
     (["--train-images", "-1"], "--train-images"),
@@ -241,37 +240,25 @@ def test_real_process_exit_status(tmp_path, script, args):
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
-def test_sampler_choices_and_defaults_come_from_the_registry(trained_run, tmp_path, monkeypatch):
-    """A sampler added to ddpm.SAMPLERS is a --sampler choice of sample.py with its own defaults."""
-    import ddpm
-
-    class Halfway(ddpm.DDIM):
-        name, summary, default_steps, default_eta = "halfway", "a test sampler", 3, 0.0
-
-    monkeypatch.setitem(ddpm.SAMPLERS, "halfway", Halfway)
-    args = sample.parse_args(["--sampler", "halfway"])
-    how = sample.sampling_from_args(args, T=8)
-    assert (how.sampler, how.steps, how.eta, how.describe()) == ("halfway", 3, 0.0, "halfway 3 steps")
+def test_a_registered_sampler_is_a_choice_of_sample_py_with_its_defaults(trained_run, tmp_path, monkeypatch):
+    monkeypatch.setitem(samplers.SAMPLERS, "halfway", samplers.SamplerInfo(samplers.ddim, "a test sampler", 3, 0.0))
     npz = str(tmp_path / "h.npz")
     assert sample.main(["--checkpoint", trained_run["checkpoint"], "--sampler", "halfway", "--n", "1",
                         "--npz", npz, "--out", str(tmp_path / "h.png")]) == 0
     assert np.load(npz)["images"].shape == (10, 28, 28)
+    assert Sampling("halfway").resolve(8).describe() == "halfway 3 steps, guidance 2"
 
 
-def test_readme_names_every_registered_sampler_and_the_default():
-    import ddpm
-
+def test_readme_names_every_sampler_and_the_default():
     with open(os.path.join(ROOT, "README.md")) as f:
-        row = next(line for line in f if line.startswith("| `--sampler`"))
-    for name, cls in ddpm.SAMPLERS.items():
-        assert f"`{name}`" in row, name
-    default = ddpm.SAMPLERS[ddpm.DEFAULT_SAMPLER]
-    assert f"`{ddpm.DEFAULT_SAMPLER}`" in row.split("|")[2] and f"{default.default_steps} steps" in row
+        text = f.read()
+    assert all(f"`{name}`" in text for name in ("ddpm", "ddim", "dpm++"))
+    assert "DPM-Solver++(2M), 20 steps" in text  # the default, as tests/test_samplers.py pins it
 
 
 @pytest.mark.parametrize("epoch, step, words", [
     (1, 0, "is from an unfinished run (1 of 2 epochs done); expect rough digits, or noise; finish it with its "
-           "train.py command and --resume (e.g. 'python train.py --preset default --data-root DATA --resume')"),
+           "train.py command and --resume (e.g. 'python train.py --preset cpu --data-root DATA --resume')"),
     (0, 3, "is from an unfinished run (0 of 2 epochs done)"),
     (2, 0, "was trained for only 8 steps; expect rough digits, or noise (--preset cpu trains 1,256: "
            "'python train.py --preset cpu --data-root DATA')"),

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ddpm import DDPM
+from lib.samplers import Sampling, ancestral, sample
 
 
 def schedule(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> tuple[list[float], list[float]]:
@@ -49,6 +50,10 @@ def stub_ddpm(stub: Stub, T: int = 500, **kwargs) -> DDPM:
     return DDPM(stub, T=T, **kwargs).double().eval()
 
 
+def draw(ddpm: DDPM, how: Sampling, labels: torch.Tensor = torch.tensor([1, 2])) -> torch.Tensor:
+    return sample(ddpm, labels, how, torch.Generator().manual_seed(0))
+
+
 def test_schedule_buffers_are_the_papers_coefficients():
     ddpm = DDPM(Stub(), T=500)
     betas, a_bar = schedule(500)
@@ -75,18 +80,22 @@ def test_q_sample_is_eq_4():
     torch.testing.assert_close(ddpm.q_sample(x0, torch.tensor(t), noise), a.sqrt() * x0 + (1 - a).sqrt() * noise)
 
 
-@pytest.mark.parametrize("t", [0, 1, 250, 499])
-def test_the_reverse_step_is_the_posterior_of_eq_7(t):
-    """Algorithm 2's step from ``x_t`` and a noise estimate is eq. 7's posterior mean at the ``x_0`` that the
-    estimate implies, plus ``sqrt(beta_tilde_t) z``; the last step (``t = 0``) adds no noise."""
-    ddpm, (betas, a_bar) = stub_ddpm(Stub()), schedule(500)
-    b, a, a_prev = betas[t], a_bar[t], a_bar[t - 1] if t else 1.0
-    x, eps, z = torch.randn(3, 2, 1, 4, 4, dtype=torch.float64)
-    x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)  # eq. 4 solved for x_0
-    mean = math.sqrt(a_prev) * b / (1 - a) * x0 + math.sqrt(1 - b) * (1 - a_prev) / (1 - a) * x
-    noise = math.sqrt(b * (1 - a_prev) / (1 - a)) * z if t else 0.0
-    torch.testing.assert_close(ddpm.posterior_step(x, eps, t, z), mean + noise)
-    torch.testing.assert_close(ddpm.posterior_step(x, eps, t, None), mean)
+def test_the_ancestral_sampler_steps_to_the_posterior_of_eq_7():
+    """Algorithm 2 over T = 4 steps with a stub noise estimate ``eps = 0.1 x_t`` and given draws of ``z``: each step
+    is eq. 7's posterior mean at the ``x_0`` the estimate implies, plus ``sqrt(beta_tilde_t) z``; the last step
+    (``t = 0``) adds no noise."""
+    betas, a_bar = schedule(4, 0.1, 0.4)
+    ddpm = DDPM(Stub(), T=4, beta_start=0.1, beta_end=0.4).double()
+    start, *draws = torch.randn(4, 2, 1, 4, 4, dtype=torch.float64)
+    given = iter([d.clone() for d in draws])
+    x = ancestral(ddpm, lambda x, t: 0.1 * x, start.clone(), lambda: next(given), Sampling("ddpm"), lambda x: None)
+    expected, noise = start, iter(draws)
+    for t in (3, 2, 1, 0):
+        b, a, a_prev = betas[t], a_bar[t], a_bar[t - 1] if t else 1.0
+        x0 = (expected - math.sqrt(1 - a) * 0.1 * expected) / math.sqrt(a)  # eq. 4 solved for x_0
+        mean = math.sqrt(a_prev) * b / (1 - a) * x0 + math.sqrt(1 - b) * (1 - a_prev) / (1 - a) * expected
+        expected = mean + math.sqrt(b * (1 - a_prev) / (1 - a)) * next(noise) if t else mean
+    torch.testing.assert_close(x, expected)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
@@ -99,7 +108,7 @@ def test_the_training_loss_hands_the_network_x_t_t_and_the_dropped_labels(predic
     t, drop = [0, 7, 250, 499], torch.tensor([False, True, False, True])
     x0, noise = torch.rand(4, 1, 4, 4, dtype=torch.float64) * 2 - 1, torch.randn(4, 1, 4, 4, dtype=torch.float64)
     loss = ddpm.loss(x0, torch.tensor([3, 5, 7, 9]), draws=(torch.tensor(t), noise, drop))
-    (x_t, t_seen, labels_seen), = ddpm.eps_model.calls
+    (x_t, t_seen, labels_seen), = ddpm.model.calls
     a = column(a_bar, t)
     torch.testing.assert_close(x_t, a.sqrt() * x0 + (1 - a).sqrt() * noise)
     assert t_seen.tolist() == t and labels_seen.tolist() == [3, 10, 7, 10]
@@ -141,7 +150,7 @@ def test_guidance_is_eps_uncond_plus_s_times_the_difference(scale):
     eps = ddpm.guided_eps(x, torch.full((3,), 5), labels, scale)
     expected = torch.tensor([-1 + scale * (k + 2) for k in (0, 4, 9)], dtype=torch.float64)
     torch.testing.assert_close(eps[:, 0, 0, 0], expected)
-    asked = torch.cat([labels for _, _, labels in ddpm.eps_model.calls]).tolist()
+    asked = torch.cat([labels for _, _, labels in ddpm.model.calls]).tolist()
     assert sorted(asked) == sorted({0.0: [10] * 3, 1.0: [0, 4, 9]}.get(scale, [0, 4, 9, 10, 10, 10]))
 
 
@@ -154,8 +163,8 @@ DEFAULT_TIMESTEPS = [499, 448, 399, 354, 311, 271, 234, 199, 167, 138, 112, 88, 
                                                   ("dpm++", 500, DEFAULT_TIMESTEPS)])
 def test_the_sampler_hands_the_network_each_timestep_in_turn(sampler, T, expected):
     ddpm = stub_ddpm(Stub(), T=T)
-    ddpm.sample(torch.tensor([1, 2]), guidance=1.0, generator=torch.Generator().manual_seed(0), sampler=sampler)
-    seen = [t for _, t, _ in ddpm.eps_model.calls]
+    draw(ddpm, Sampling(sampler, guidance=1.0))
+    seen = [t for _, t, _ in ddpm.model.calls]
     assert all(len(set(t.tolist())) == 1 for t in seen) and [int(t[0]) for t in seen] == expected
 
 
@@ -167,6 +176,6 @@ def test_guidance_applies_only_at_noise_levels_inside_the_interval():
     assert inside == [399, 354, 311, 271, 234, 199, 167, 138, 112, 88, 68]  # 11 of the 20
     for guidance, guided in ((2.0, inside), (0.5, DEFAULT_TIMESTEPS)):  # a scale <= 1 applies at every step
         ddpm = stub_ddpm(Stub(), T=500)
-        ddpm.sample(torch.tensor([1, 2]), guidance=guidance, generator=torch.Generator().manual_seed(0))
-        doubled = [int(t[0]) for _, t, labels in ddpm.eps_model.calls if len(labels) == 4]
+        draw(ddpm, Sampling(guidance=guidance))
+        doubled = [int(t[0]) for _, t, labels in ddpm.model.calls if len(labels) == 4]
         assert doubled == guided, guidance

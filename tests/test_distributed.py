@@ -13,16 +13,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import checkpoint
+from lib import checkpoint
 import sample
 import train
-import training
-from config import Config
+from lib import training
+from lib.config import Config
 from conftest import TINY_TRAIN, train_tiny, write_fake_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # fp32, so that the only difference between 1 and 2 processes is the order of float sums
-FP32_TRAIN = TINY_TRAIN + ["--no-amp"]
+FP32_TRAIN = TINY_TRAIN + ["--plain"]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def assert_same_training(a: dict, b: dict) -> None:
     for weights in ("model", "ema"):
         nets = []
         for ckpt in (a, b):
-            net = checkpoint.build_ddpm(Config.from_dict(ckpt["config"])).eps_model
+            net = checkpoint.build_ddpm(Config.from_dict(ckpt["config"])).model
             net.load_state_dict(ckpt[weights])
             nets.append(net.eval())
         with torch.no_grad():
@@ -85,7 +85,7 @@ def _rank(rank: int, world: int, port: int, argv: list[str], report: str) -> Non
 
     def checked_step(state, *args, **kwargs):
         loss = real_step(state, *args, **kwargs)
-        mine = torch.cat([p.detach().reshape(-1) for p in state.ddpm.eps_model.parameters()])  # any layout
+        mine = torch.cat([p.detach().reshape(-1) for p in state.ddpm.model.parameters()])  # any layout
         every = [torch.zeros_like(mine) for _ in range(world)]
         dist.all_gather(every, mine)
         gaps.append(max((p - every[0]).abs().max().item() for p in every))
@@ -112,23 +112,22 @@ def test_ranks_stay_identical_and_a_distributed_checkpoint_resumes_in_one_proces
             result = json.load(f)
         assert result["status"] == 130 and len(result["gaps"]) == 4  # 64 images / global batch 16
         assert max(result["gaps"]) == 0.0  # the two ranks' weights are identical after every step
-    assert torch.load(checkpoint.checkpoint_path(out, 8, 8), weights_only=True)["epoch"] == 1
+    assert torch.load(checkpoint.checkpoint_path(out, "8_8"), weights_only=True)["epoch"] == 1
     assert train.main(argv + ["--resume"]) == 0  # one process continues the 2-process run
-    resumed = torch.load(checkpoint.checkpoint_path(out, 8, 8), weights_only=True)
+    resumed = torch.load(checkpoint.checkpoint_path(out, "8_8"), weights_only=True)
     assert_same_training(resumed, torch.load(one_process["checkpoint"], weights_only=True))
 
 
 def test_global_batch_is_split_without_loss(tmp_path):
-    from data import batches
-    from distributed import Shard
+    from lib.data import batches, load_dataset
+    from lib.distributed import Shard
 
     data = write_fake_mnist(str(tmp_path / "data"), n_train=37)
-    from data import load_dataset
 
     images, labels = load_dataset(data, download=False)
-    whole = list(batches(images, labels, 16, torch.Generator().manual_seed(0), on_device=False))
-    parts = [list(batches(images, labels, 16, torch.Generator().manual_seed(0), on_device=False,
-                          part=Shard(rank, 2).part)) for rank in (0, 1)]
+    whole = list(batches(images, labels, 16, torch.Generator().manual_seed(0)))
+    parts = [list(batches(images, labels, 16, torch.Generator().manual_seed(0), part=Shard(rank, 2).part))
+             for rank in (0, 1)]
     for (x, y), (x0, y0), (x1, y1) in zip(whole, *parts):
         assert torch.equal(torch.cat((x0, x1)), x) and torch.equal(torch.cat((y0, y1)), y)
     assert [len(y) for y, in [(p[-1][1],) for p in parts]] == [3, 2]  # the last batch of 5 splits 3 + 2

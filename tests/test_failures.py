@@ -23,18 +23,18 @@ import time
 import pytest
 import torch
 
-import checkpoint
-import fileio
+from lib import checkpoint
+from lib import fileio
 import sample
 import train
-import training
-from config import UsageError
+from lib import training
+from lib.errors import UsageError
 from conftest import TINY_TRAIN, one_line_error, write_fake_mnist, write_idx
-from stopping import RunFailed
+from lib.errors import RunFailed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30  # 480 fake images in batches of 16: room for a signal to land inside an epoch
-FLAGS = TINY_TRAIN + ["--log-every", "1"]  # the progress bar then moves every step
+FLAGS = TINY_TRAIN + ["--plain"]  # the plain path reads the loss back, and moves the progress bar, every step
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 INTERRUPTED = re.compile(r"^interrupted at epoch (\d+), step (\d+) of (\d+); checkpoint saved; "
                          r"continue with --resume$")
@@ -97,7 +97,7 @@ class Run:
 
     @property
     def checkpoint(self) -> str:
-        return checkpoint.checkpoint_path(self.out, 8, 8)
+        return checkpoint.checkpoint_path(self.out, "8_8")
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_kill_9_at_random_moments_loses_nothing(data, reference, tmp_path):
     over its lock; the end is the uninterrupted run.
     """
     rng, out = random.Random(15), str(tmp_path / "out")
-    path, lock = checkpoint.checkpoint_path(out, 8, 8), os.path.join(out, "checkpoints", "ddpm_8_8.lock")
+    path, lock = checkpoint.checkpoint_path(out, "8_8"), os.path.join(out, "checkpoints", "ddpm_8_8.lock")
     kills, loaded, temps, holder, left = 0, 0, 0, "", []
     while kills < 8:
         done = torch.load(path, weights_only=True)["epoch"] if os.path.exists(path) else 0
@@ -253,7 +253,7 @@ def test_a_second_ctrl_c_while_saving_does_not_break_the_checkpoint(fake_mnist, 
     out, before = str(tmp_path / "out"), signal.getsignal(signal.SIGINT)
     assert train.main(TINY_TRAIN + ["--data-root", fake_mnist, "--out-dir", out]) == 130
     assert last_line(capsys) == "interrupted at epoch 1, step 2 of 4; checkpoint saved; continue with --resume"
-    ckpt = checkpoint.load_checkpoint(checkpoint.checkpoint_path(out, 8, 8))
+    ckpt = checkpoint.load_checkpoint(checkpoint.checkpoint_path(out, "8_8"))
     assert (ckpt["epoch"], ckpt["step"], len(ckpt["losses"])) == (0, 2, 2) and leftovers(out) == []
     assert signal.getsignal(signal.SIGINT) is before  # Ctrl-C works as usual again
 
@@ -270,7 +270,7 @@ def test_an_absurd_learning_rate_stops_the_run_and_saves_nothing(fake_mnist, tmp
     err = last_line(capsys)
     assert re.search(r"training diverged: loss (nan|inf) at epoch 1, step \d of 4;", err), err
     assert "a lower --lr than 1e+30" in err
-    assert not os.path.exists(checkpoint.checkpoint_path(out, 8, 8)) and leftovers(out) == []
+    assert not os.path.exists(checkpoint.checkpoint_path(out, "8_8")) and leftovers(out) == []
 
 
 @pytest.mark.parametrize("poisoned, words", [
@@ -280,13 +280,13 @@ def test_an_absurd_learning_rate_stops_the_run_and_saves_nothing(fake_mnist, tmp
 def test_nan_weights_stop_the_run_and_the_last_good_checkpoint_stays(fake_mnist, tmp_path, monkeypatch, capsys,
                                                                      poisoned, words):
     out, real_step, steps, kept = str(tmp_path / "out"), training.train_step, [], {}
-    path = checkpoint.checkpoint_path(out, 8, 8)
+    path = checkpoint.checkpoint_path(out, "8_8")
 
     def step_then_poison(state, *args, **kwargs):
         loss = real_step(state, *args, **kwargs)
         steps.append(1)
         if len(steps) == poisoned:
-            next(state.ddpm.eps_model.parameters()).data.fill_(float("nan"))
+            next(state.ddpm.model.parameters()).data.fill_(float("nan"))
             with open(path, "rb") as f:
                 kept["bytes"] = f.read()
         return loss
@@ -307,7 +307,7 @@ def sizes(out: str) -> dict[str, int]:
     grids = os.path.join(out, "DDMP_generated_samples_8_8")
     return {"grid": min(os.path.getsize(os.path.join(grids, f)) for f in os.listdir(grids)),
             "plot": os.path.getsize(os.path.join(out, "loss_plot_8_8.png")),
-            "checkpoint": os.path.getsize(checkpoint.checkpoint_path(out, 8, 8))}
+            "checkpoint": os.path.getsize(checkpoint.checkpoint_path(out, "8_8"))}
 
 
 def file_size_limit(limit: int):
@@ -328,7 +328,7 @@ def test_a_real_write_failure_ends_in_one_line_and_keeps_the_last_checkpoint(tra
     (PIL's, torch's serialisation), and the run ends with one line and status 1, the old checkpoint whole."""
     out, data = str(tmp_path / "out"), trained_run["data"]
     shutil.copytree(trained_run["out"], out)
-    path, size = checkpoint.checkpoint_path(out, 8, 8), sizes(out)
+    path, size = checkpoint.checkpoint_path(out, "8_8"), sizes(out)
     assert size["checkpoint"] > 2 * max(size["grid"], size["plot"])  # room for a limit between them
     limit = size["grid"] // 2 if victim == "grid" else (max(size["grid"], size["plot"]) + size["checkpoint"]) // 2
     kept = open(path, "rb").read()

@@ -3,7 +3,7 @@
 These run on real MNIST, which the tests never download: they use the data root named by the environment
 variable ``MNIST_DATA_ROOT`` (or ``./data``, the scripts' default) and are skipped when it holds no MNIST.
 They score with the bundled classifier, the one ``evaluate.py`` uses; the table of docs/quality.md
-(``benchmarks/metric_sanity.py``) gives the same cases at a larger sample size.
+(``tools/metric_sanity.py``) gives the same cases at a larger sample size.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import os
 
 import pytest
 
-import classifier
-from benchmarks.metric_sanity import defects, two_real_samples
+from lib import classifier
+from tools.metric_sanity import defects, two_real_samples
 from conftest import all_cores
-from data import load_dataset
-from metrics import Reference
+from lib.data import load_dataset
+from lib.metrics import Reference
 
 ROOT = os.environ.get("MNIST_DATA_ROOT", "data")
 pytestmark = pytest.mark.skipif(

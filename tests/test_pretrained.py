@@ -15,19 +15,21 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import checkpoint
-import classifier
-import weights_io
+from lib import checkpoint
+from lib import classifier
+from lib import weights_io
 import evaluate
 import sample
 import train
-from config import UsageError
+from lib.errors import UsageError
 from conftest import TINY_TRAIN, all_cores, one_line_error
-from data import to_uint8
-from distributed import SINGLE
-from generation import Sampling, generate
-from speed import PLAIN
-from training import build_state
+from lib.data import to_uint8
+from lib.distributed import SINGLE
+from lib.samplers import Sampling, generate
+from lib.samplers import sample as sample_batch
+from tools import export_weights
+from lib.speed import PLAIN
+from lib.training import build_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def exported(trained_run, tmp_path_factory) -> str:
     """The tiny trained run's checkpoint as a weights file."""
     path = str(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
-    checkpoint.export_weights(trained_run["checkpoint"], path, "a tiny test model")
+    export_weights.export_weights(trained_run["checkpoint"], path, "a tiny test model")
     return path
 
 
@@ -141,52 +143,50 @@ def test_nan_weights_are_refused(trained_run, exported, tmp_path, capsys):
 @pytest.mark.parametrize("sampler", ["ddpm", "dpm++"])
 def test_exported_weights_sample_exactly_as_the_half_precision_ema(trained_run, exported, sampler):
     ddpm, ckpt = checkpoint.load_sampler(exported, torch.device("cpu"))
-    assert all(v.dtype == torch.float32 for v in ddpm.eps_model.state_dict().values() if v.is_floating_point())
+    assert all(v.dtype == torch.float32 for v in ddpm.model.state_dict().values() if v.is_floating_point())
     reference, source = checkpoint.load_sampler(trained_run["checkpoint"], torch.device("cpu"))
     rounded = {k: v.half().float() if v.is_floating_point() else v for k, v in source["ema"].items()}
-    reference.eps_model.load_state_dict(rounded)
-    y = torch.tensor([0, 3, 7, 9])
-    a = ddpm.sample(y, generator=torch.Generator().manual_seed(0), sampler=sampler)
-    b = reference.sample(y, generator=torch.Generator().manual_seed(0), sampler=sampler)
+    reference.model.load_state_dict(rounded)
+    y, how = torch.tensor([0, 3, 7, 9]), Sampling(sampler)
+    a = sample_batch(ddpm, y, how, torch.Generator().manual_seed(0))
+    b = sample_batch(reference, y, how, torch.Generator().manual_seed(0))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     unrounded, _ = checkpoint.load_sampler(trained_run["checkpoint"], torch.device("cpu"))
-    c = unrounded.sample(y, generator=torch.Generator().manual_seed(0), sampler=sampler)
+    c = sample_batch(unrounded, y, how, torch.Generator().manual_seed(0))
     torch.testing.assert_close(a, c, rtol=0, atol=0.05)  # float16 storage moves the pixels very little
 
 
 def test_export_command_writes_a_new_file_and_never_overwrites(trained_run, tmp_path, capsys):
     out = str(tmp_path / "sub" / "w.safetensors")
-    args = ["--checkpoint", trained_run["checkpoint"], "--export-weights", out]
-    assert sample.main(args + ["--about", "one epoch on a laptop"]) == 0
+    args = [trained_run["checkpoint"], out]
+    assert export_weights.main(args + ["--about", "one epoch on a laptop"]) == 0
     assert "float16" in capsys.readouterr().err
     assert checkpoint.load_checkpoint(out)["about"] == "one epoch on a laptop"
     before = open(out, "rb").read()
-    assert sample.main(args) == 2
+    assert export_weights.main(args) == 2
     assert "already exists" in one_line_error(capsys) and open(out, "rb").read() == before
     assert not [name for name in os.listdir(tmp_path / "sub") if name != "w.safetensors"]
 
 
 def test_export_default_about_says_how_it_was_trained(trained_run, tmp_path):
-    saved = checkpoint.export_weights(trained_run["checkpoint"], str(tmp_path / "w.pt"))
-    assert saved["about"].startswith("mnist, T=8, n_feat=8, preset default, 2 epochs of batch 16")
+    saved = export_weights.export_weights(trained_run["checkpoint"], str(tmp_path / "w.safetensors"))
+    assert saved["about"].startswith("mnist, T=8, n_feat=8, preset cpu, 2 epochs of batch 16")
     assert "\n" not in saved["about"]
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--export-weights", "w.pt", "--npz", "x.npz"], "drop --npz"),
-    (["--export-weights", "w.pt", "--digit", "3"], "drop --digit"),
-    (["--about", "text"], "--export-weights"),
-    (["--export-weights", "w.pt", "--checkpoint", "missing.pt"], "no checkpoint"),
-    (["--export-weights", "w.pt", "--checkpoint", "empty"], "no checkpoint in"),
-    (["--export-weights", "blocker/w.pt", "--checkpoint", "TRAINED"], "cannot write"),
+    (["missing.pt", "w.st"], "no checkpoint"),
+    (["empty", "w.st"], "no checkpoint in"),
+    (["TRAINED", "blocker/w.st"], "cannot write"),
+    (["TRAINED"], "the following arguments are required: out"),
 ])
 def test_export_bad_input(trained_run, tmp_path, monkeypatch, capsys, args, words):
     monkeypatch.chdir(tmp_path)
     os.makedirs("empty")
     (tmp_path / "blocker").write_text("a file where a folder should be")
     args = [trained_run["checkpoint"] if a == "TRAINED" else a for a in args]
-    assert sample.main(args) == 2
-    assert words in one_line_error(capsys) and not os.path.exists("w.pt")
+    assert export_weights.main(args) == 2
+    assert words in one_line_error(capsys) and not os.path.exists("w.st")
 
 
 def test_weights_file_has_no_training_weights_and_cannot_resume(trained_run, exported, tmp_path, capsys):
@@ -242,8 +242,7 @@ def test_without_any_model_the_old_error_stays(tmp_path, monkeypatch, capsys):
 
 def test_evaluate_falls_back_to_the_bundled_model(bundled, trained_run, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    args = ["--data-root", trained_run["data"], "--n", "2", "--steps", "2", "--classifier-cache", "clf.pt",
-            "--classifier-epochs", "1", "--device", "cpu"]
+    args = ["--data-root", trained_run["data"], "--n", "2", "--steps", "2", "--classifier-cache", "clf.pt", "--device", "cpu"]
     assert evaluate.main(args) == 0
     captured = capsys.readouterr()
     assert f"using the bundled model {bundled} (a tiny test model)" in captured.err
@@ -252,7 +251,7 @@ def test_evaluate_falls_back_to_the_bundled_model(bundled, trained_run, tmp_path
 
 def bundled_or_skip() -> tuple[str, str]:
     """The bundled model and classifier of this copy of the project."""
-    path = os.path.join(ROOT, *checkpoint.BUNDLED["mnist"].split("/"))
+    path = checkpoint.bundled_path()
     if not (os.path.isfile(path) and os.path.isfile(classifier.BUNDLED)):
         pytest.skip("no bundled model or classifier in this copy of the project")
     return path, classifier.BUNDLED

@@ -11,13 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
+from lib import checkpoint
 import evaluate
 import sample
 import train
 from conftest import TINY_TRAIN, write_fake_mnist
-from data import DATASETS, load_dataset
-from generation import blended_labels
+from lib.data import DATASETS, load_dataset
+from lib.samplers import Sampling, blended_labels
+from lib.samplers import sample as sample_batch
 
 
 def run_sample(trained_run, tmp_path, *args: str) -> int:
@@ -40,10 +41,10 @@ def test_interpolation_ends_are_the_pure_classes(trained_run):
     ddpm, _ = checkpoint.load_sampler(trained_run["checkpoint"], torch.device("cpu"))
     labels = blended_labels(2, 5, 5, 10)
     assert labels.shape == (5, 11) and labels[2, 2] == labels[2, 5] == 0.5
-    how = dict(sampler="ddim", steps=4, eta=1.0, shared_noise=True)
-    row = ddpm.sample(labels, 2.0, generator=torch.Generator().manual_seed(0), **how)
+    how = Sampling("ddim", 4, 1.0)
+    row = sample_batch(ddpm, labels, how, torch.Generator().manual_seed(0), shared_noise=True)
     for index, digit in ((0, 2), (-1, 5)):
-        pure = ddpm.sample(torch.tensor([digit]), 2.0, generator=torch.Generator().manual_seed(0), **how)
+        pure = sample_batch(ddpm, torch.tensor([digit]), how, torch.Generator().manual_seed(0), shared_noise=True)
         torch.testing.assert_close(row[index], pure[0], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(row[0], row[-1], atol=1e-3)  # the label matters: the row changes along the way
 
@@ -55,16 +56,14 @@ def test_interpolate_command_writes_one_row(trained_run, tmp_path):
         assert image.size == (9 * 30 + 2, 30 + 2)
 
 
-@pytest.mark.parametrize("frames, expected", [(5, 5), (50, 7)])  # 6 DDIM steps give 7 states
-def test_gif_has_the_promised_frames_and_strip_its_columns(trained_run, tmp_path, frames, expected):
-    gif, strip = str(tmp_path / "d3.gif"), str(tmp_path / "d3.png")
-    args = ["--digit", "3", "--n", "2", "--steps", "6", "--gif", gif, "--frames", str(frames),
-            "--trajectory", strip, "--out", str(tmp_path / "s.png")]
+@pytest.mark.parametrize("steps, frames", [(30, 24), (6, 7)])  # 6 DDIM steps give 7 states
+def test_gif_has_the_promised_frames(trained_run, tmp_path, steps, frames):
+    gif = str(tmp_path / "d3.gif")
+    args = ["--digit", "3", "--n", "2", "--sampler", "ddim", "--steps", str(min(steps, 8)), "--gif", gif,
+            "--out", str(tmp_path / "s.png")]
     assert run_sample(trained_run, tmp_path, *args) == 0
     with Image.open(gif) as image:
-        assert image.n_frames == expected and image.size == (2 * 30 + 2, 30 + 2)
-    with Image.open(strip) as image:  # a row per image, the 7 states (fewer than 10) across
-        assert image.size == (7 * 30 + 2, 2 * 30 + 2)
+        assert image.n_frames == min(frames, min(steps, 8) + 1) and image.size == (2 * 30 + 2, 30 + 2)
 
 
 def test_frame_indices_keep_both_ends():
@@ -87,7 +86,7 @@ def test_guidance_grid_rows_share_their_noise(trained_run, tmp_path):
     (["--interpolate", "3", "12"], "between 0 and 9"),
     (["--interpolate", "3", "4", "--n", "1"], "at least 2"),
     (["--interpolate", "3", "4", "--npz", "x.npz"], "does not go with --interpolate"),
-    (["--guidance-grid", "1", "2", "--gif", "x.gif"], "do not go with --guidance-grid"),
+    (["--guidance-grid", "1", "2", "--gif", "x.gif"], "does not go with --guidance-grid"),
     (["--interpolate", "3", "4", "--guidance-grid", "1"], "not allowed with"),
 ])
 def test_showcase_bad_input(trained_run, tmp_path, monkeypatch, capsys, args, words):
@@ -142,7 +141,7 @@ def test_fashion_sample_refuses_a_class_it_does_not_have(fashion_run, tmp_path, 
 def test_evaluate_uses_a_classifier_per_dataset(fashion_run, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = ["--checkpoint", fashion_run["checkpoint"], "--data-root", fashion_run["data"], "--n", "2",
-            "--steps", "2", "--classifier-epochs", "1", "--device", "cpu"]
+            "--steps", "2", "--device", "cpu"]
     assert evaluate.main(args) == 0
     captured = capsys.readouterr()
     assert "fashion-mnist classifier" in captured.out and "real training images" in captured.out

@@ -4,103 +4,56 @@ from __future__ import annotations
 
 import copy
 import os
-import platform
-import subprocess
-import sys
 
 import pytest
 import torch
 
-import speed
+from lib import speed
 import train
-import training
+from lib import training
 from conftest import TINY_TRAIN, write_fake_mnist
-from data import batches
-from optimizers import OPTIMIZERS, make_optimizer
+from lib.data import batches
+from lib.optimizers import OPTIMIZERS, make_optimizer
 from unet import ContextUnet
 
 
-def test_device_data_and_dataloader_give_the_same_batches():
-    images = torch.randint(0, 256, (37, 28, 28), dtype=torch.uint8)
-    labels = torch.arange(37)
-    fast = list(batches(images, labels, 8, torch.Generator().manual_seed(3), on_device=True))
-    plain = list(batches(images, labels, 8, torch.Generator().manual_seed(3), on_device=False))
-    assert [len(y) for _, y in fast] == [8, 8, 8, 8, 5]
-    for (xa, ya), (xb, yb) in zip(fast, plain, strict=True):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    assert sorted(torch.cat([y for _, y in fast]).tolist()) == list(range(37))
+def test_batches_cover_the_data_once_in_a_seeded_order_and_resume_at_a_batch():
+    images, labels = torch.randint(0, 256, (37, 28, 28), dtype=torch.uint8), torch.arange(37)
+    walk = list(batches(images, labels, 8, torch.Generator().manual_seed(3)))
+    assert [len(y) for _, y in walk] == [8, 8, 8, 8, 5]
+    assert sorted(torch.cat([y for _, y in walk]).tolist()) == list(range(37))
+    for x, y in walk:
+        assert torch.equal(x, images[y])
+    again = list(batches(images, labels, 8, torch.Generator().manual_seed(3), skip=3))
+    assert [y.tolist() for _, y in again] == [y.tolist() for _, y in walk[3:]]
 
 
-def test_flags_turn_parts_off(monkeypatch):
-    monkeypatch.setattr(speed, "cpu_capability", lambda: "AVX2")
-    cpu = torch.device("cpu")
-    args = train.parse_args(["--no-amp", "--no-fused", "--log-every", "3"])
-    chosen = train.speed_from_args(args, cpu)
-    assert not chosen.amp and not chosen.fused_optimizer and chosen.log_every == 3 and chosen.on_device_data
-    assert train.speed_from_args(train.parse_args(["--plain"]), cpu) == speed.PLAIN
-    assert not chosen.channels_last and train.speed_from_args(train.parse_args(["--channels-last"]), cpu).channels_last
-    assert speed.default_speed(cpu).log_every > 1
-
-
-def test_channels_last_is_the_default_for_fp32_on_avx512_cpus_only(monkeypatch):
+def test_the_fast_path_is_chosen_by_device_and_plain_turns_it_off(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(speed, "cpu_capability", lambda: "AVX2")
+    chosen = train.speed_for(train.parse_args([]), cpu)
+    assert chosen.fused_optimizer and chosen.log_every == 25 and not chosen.compile
+    assert train.speed_for(train.parse_args(["--compile"]), cpu).compile
+    assert train.speed_for(train.parse_args(["--plain", "--compile"]), cpu) == speed.PLAIN
+    assert speed.default_speed(cpu).keep_freed_memory and not speed.default_speed(cuda, amp=False).keep_freed_memory
     for capability, amp, expected in (("AVX512", False, True), ("AVX512", True, False), ("AVX2", False, False)):
         monkeypatch.setattr(speed, "cpu_capability", lambda c=capability: c)
-        assert speed.default_speed(cpu, amp=amp).channels_last is expected
+        assert speed.default_speed(cpu, amp=amp).channels_last is expected  # NHWC for fp32 on AVX-512 only
         assert not speed.default_speed(cuda, amp=amp).channels_last
-    monkeypatch.setattr(speed, "cpu_capability", lambda: "AVX512")
-    chosen = {flags: train.speed_from_args(train.parse_args(list(flags)), cpu).channels_last
-              for flags in (("--no-amp",), ("--no-amp", "--no-channels-last"), ("--plain",))}
-    assert chosen == {("--no-amp",): True, ("--no-amp", "--no-channels-last"): False, ("--plain",): False}
 
 
-def test_only_a_cpu_keeps_freed_memory_by_default_and_the_flag_turns_it_off(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert speed.default_speed(cpu).keep_freed_memory and not speed.default_speed(cuda, amp=False).keep_freed_memory
-    assert not speed.PLAIN.keep_freed_memory
-    assert not train.speed_from_args(train.parse_args(["--no-keep-memory"]), cpu).keep_freed_memory
+def test_the_allocator_setting_is_made_only_on_the_fast_path(monkeypatch):
     calls = []
     monkeypatch.setattr(speed, "keep_freed_memory", lambda: calls.append(1) or True)
     speed.prepare_process(speed.PLAIN)
     assert calls == []
-    speed.prepare_process(speed.default_speed(cpu))
+    speed.prepare_process(speed.default_speed(torch.device("cpu")))
     assert calls == [1]
-
-
-FAULTS = """
-import resource, sys, torch
-sys.path.insert(0, {root!r})
-import speed
-if sys.argv[1] == "keep":
-    assert speed.keep_freed_memory()
-for i in range(30):
-    if i == 10:  # the steady state, as in the steps of a training run
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(2 ** 23)  # 32 MiB, at glibc's largest threshold for a block of its own
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
-def test_keeping_freed_memory_spares_the_page_faults_of_each_new_block():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    faults = {how: int(subprocess.run([sys.executable, "-c", FAULTS.format(root=root), how], check=True,
-                                      capture_output=True, text=True).stdout)
-              for how in ("default", "keep")}
-    pages = 20 * 2 ** 25 // 4096  # 20 blocks of 32 MiB in pages of 4 KiB (fewer faults with huge pages)
-    assert faults["keep"] < pages // 100, faults  # the first block's pages, reused
-    assert faults["default"] > 10 * max(faults["keep"], 1), faults  # each block mapped and faulted in anew
-
-
-def test_both_layout_flags_are_a_usage_error(capsys):
-    assert train.main(["--channels-last", "--no-channels-last"]) == 2
-    err = capsys.readouterr().err
-    assert "--no-channels-last: not allowed with argument --channels-last" in err and len(err.splitlines()) == 1
 
 
 def test_plain_and_fast_runs_write_the_same_files(tmp_path):
     data = write_fake_mnist(str(tmp_path / "data"))
-    for name, extra in (("plain", ["--plain"]), ("fast", ["--log-every", "3"])):
+    for name, extra in (("plain", ["--plain"]), ("fast", [])):
         assert train.main(TINY_TRAIN + ["--data-root", data, "--out-dir", str(tmp_path / name)] + extra) == 0
     ckpts = [torch.load(os.path.join(tmp_path, name, "checkpoints", "ddpm_8_8.pt"), weights_only=True)
              for name in ("plain", "fast")]
@@ -109,7 +62,7 @@ def test_plain_and_fast_runs_write_the_same_files(tmp_path):
 
 
 def test_bench_runs(capsys):
-    from benchmarks import bench
+    from tools import bench
 
     args = ["--T", "8", "--n-feat", "8", "--batch-size", "4", "--train-steps", "2", "--warmup", "1",
             "--sample-n", "4", "--sample-steps", "2", "--device", "cpu", "--ablate"]
@@ -124,22 +77,22 @@ def test_bench_runs(capsys):
 
 
 def test_bench_counts_two_network_passes_where_guidance_applies():
-    from benchmarks import bench
-    from config import PRESETS
-    from generation import Sampling
+    from lib.config import PRESETS
+    from lib.samplers import Sampling
+    from tools import bench
 
     config = PRESETS["default"]  # T = 500
     # sigma_t = sqrt((1 - a_bar_t) / a_bar_t) lies in the default interval (0.28, 5.42] for t = 59..409 on this
     # schedule (0.2775, 0.2822, 5.391 and 5.438 at t = 58, 59, 409, 410): 351 guided steps of 500
     assert bench.network_passes(config, Sampling("ddpm", guidance=2.0)) == 500 + 351
     assert bench.network_passes(config, Sampling("ddpm", guidance=1.0)) == 500
-    assert bench.network_passes(config, Sampling("ddpm", guidance=2.0, guidance_interval=None)) == 1000
+    assert bench.network_passes(config, Sampling("ddpm", guidance=2.0, interval=None)) == 1000
     assert bench.network_passes(config, Sampling("ddim", 20, guidance=0.5)) == 40  # below 1: every step
     assert bench.network_passes(config, Sampling("dpm++", 20, guidance=2.0)) == 31  # 11 of its 20 steps guided
 
 
 def test_bench_times_a_presets_network(capsys):
-    from benchmarks import bench
+    from tools import bench
 
     args = ["--preset", "cpu", "--T", "8", "--n-feat", "8", "--train-steps", "1", "--warmup", "1",
             "--sample-n", "2", "--sample-steps", "2", "--device", "cpu", "--threads", "1"]
@@ -148,7 +101,7 @@ def test_bench_times_a_presets_network(capsys):
 
 
 def test_bench_no_amp_times_the_fast_path_in_fp32(capsys, monkeypatch):
-    from benchmarks import bench
+    from tools import bench
 
     monkeypatch.setattr(speed, "cpu_capability", lambda: "AVX2")
     args = ["--T", "8", "--n-feat", "8", "--batch-size", "4", "--train-steps", "1", "--warmup", "1",
@@ -163,21 +116,6 @@ def test_bench_no_amp_times_the_fast_path_in_fp32(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "fast: Speed(amp=False, channels_last=True, fused_optimizer=True" in out
     assert "| without channels_last |" in out and "| fast path + channels_last |" not in out
-
-
-def test_tile_data_repeats_the_training_split(tmp_path):
-    from benchmarks import tile_data
-    from data import load_dataset
-
-    data = write_fake_mnist(str(tmp_path / "data"))
-    out = str(tmp_path / "tiled")
-    assert tile_data.main(["--data-root", data, "--size", "150", "--out", out]) == 0
-    small, small_labels = load_dataset(data, download=False)
-    images, labels = load_dataset(out, download=False)
-    assert images.shape == (150, 28, 28) and torch.equal(images[64:128], small)
-    assert torch.equal(labels[:64], small_labels)
-    test_split = [load_dataset(root, train=False, download=False)[0] for root in (data, out)]
-    assert torch.equal(*test_split)
 
 
 @pytest.mark.parametrize("kind", OPTIMIZERS)
@@ -209,7 +147,7 @@ def test_resumed_optimizer_state_takes_the_parameters_layout(kind):
 @pytest.mark.parametrize("kind", OPTIMIZERS)
 @pytest.mark.parametrize("saved_fused", [True, False])
 def test_a_resumed_optimizer_uses_this_runs_fused_setting(kind, saved_fused):
-    # load_state_dict restores the saved run's "fused"; --no-fused (or the fast path) on resume must win.
+    # load_state_dict restores the saved run's "fused"; the resumed run's own setting (--plain or not) must win.
     torch.manual_seed(0)
     x, t, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 3, 5, 7]), torch.tensor([1, 2, 3, 4])
     net = ContextUnet(n_feat=8)
@@ -229,7 +167,7 @@ def test_a_resumed_optimizer_uses_this_runs_fused_setting(kind, saved_fused):
 
 
 def test_bench_profile_shows_the_convolutions_share(capsys):
-    from benchmarks import bench
+    from tools import bench
 
     args = ["--T", "8", "--n-feat", "8", "--batch-size", "4", "--train-steps", "2", "--warmup", "1",
             "--device", "cpu", "--threads", "1", "--profile"]
@@ -244,7 +182,7 @@ def test_bench_profile_shows_the_convolutions_share(capsys):
 
 
 def test_bench_profile_is_for_cpus(capsys, monkeypatch):
-    from benchmarks import bench
+    from tools import bench
 
     monkeypatch.setattr(bench, "pick_device", lambda name: torch.device("cuda"))
     assert bench.main(["--T", "8", "--n-feat", "8", "--device", "cuda", "--profile"]) == 2

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import checkpoint
+from lib import checkpoint
 import train
-import training
+from lib import training
+from tools import export_weights
 from conftest import TINY_TRAIN, write_fake_mnist
 
 
@@ -20,9 +21,9 @@ def recorded(tmp_path_factory) -> dict:
 
     def step_and_record(state, *args, **kwargs):
         if not weights:
-            weights.append({k: v.detach().clone() for k, v in state.ddpm.eps_model.state_dict().items()})
+            weights.append({k: v.detach().clone() for k, v in state.ddpm.model.state_dict().items()})
         loss = real_step(state, *args, **kwargs)
-        weights.append({k: v.detach().clone() for k, v in state.ddpm.eps_model.state_dict().items()})
+        weights.append({k: v.detach().clone() for k, v in state.ddpm.model.state_dict().items()})
         return loss
 
     patch = pytest.MonkeyPatch()
@@ -31,7 +32,7 @@ def recorded(tmp_path_factory) -> dict:
         assert train.main(TINY_TRAIN + ["--data-root", data, "--out-dir", out]) == 0
     finally:
         patch.undo()
-    return {"weights": weights, "checkpoint": checkpoint.checkpoint_path(out, 8, 8), "root": root}
+    return {"weights": weights, "checkpoint": checkpoint.checkpoint_path(out, "8_8"), "root": root}
 
 
 def expected_ema(weights: list[dict], decay: float = 0.995, gamma: float = 8.0) -> dict:
@@ -62,8 +63,8 @@ def test_the_ema_follows_its_definition_across_epochs(recorded):
 def test_sampling_and_the_weights_file_use_the_ema(recorded):
     reference = expected_ema(recorded["weights"])
     ddpm, _ = checkpoint.load_sampler(recorded["checkpoint"], torch.device("cpu"))
-    assert_equal_weights(ddpm.eps_model.state_dict(), reference)
+    assert_equal_weights(ddpm.model.state_dict(), reference)
     exported = str(recorded["root"] / "weights.safetensors")
-    checkpoint.export_weights(recorded["checkpoint"], exported)
+    export_weights.export_weights(recorded["checkpoint"], exported)
     ddpm, _ = checkpoint.load_sampler(exported, torch.device("cpu"))
-    assert_equal_weights(ddpm.eps_model.state_dict(), reference, atol=1e-5, rtol=1e-3)  # float16: 3 digits
+    assert_equal_weights(ddpm.model.state_dict(), reference, atol=1e-5, rtol=1e-3)  # float16: 3 digits

@@ -1,27 +1,16 @@
-"""An independent MNIST classifier, used to check that generated digits are the ones asked for.
+"""An independent MNIST classifier, to check that generated digits are the ones asked for (``lib.metrics``).
 
-    python classifier.py --data-root DATA    # train (or reuse the cache), print its test accuracy
-    python classifier.py --data-root DATA --dataset fashion-mnist    # one per dataset, cached apart
-
-``evaluate.py`` scores generated digits with it. For MNIST the project bundles one
-(:data:`BUNDLED`, made by ``python classifier.py --data-root DATA --cache pretrained/mnist_classifier.safetensors``
-on the 10,000-digit training subset), used by default and never retrained. Any other is trained on the
-training split of --data-root, checked on its test split and kept in --cache (default
-checkpoints/classifier/classifier_<dataset>.safetensors) with a fingerprint of the training files; it is
-trained again when those change. A file there that is not such a cache is never replaced.
-
-Classifier files are safetensors (``weights_io``): the weights in float16, and in the metadata what they were
-trained on and their accuracy (measured with the float16 weights), with a SHA-256 of it all.
+The bundled one (:data:`BUNDLED`) is used as it is; any other is trained on first use and kept in a cache file
+with a fingerprint of its training files, and trained again when they change; a file there that is not such a
+cache is never replaced. The files are safetensors (``lib.weights_io``), the weights in float16.
 """
-
-from __future__ import annotations
 
 import json
 import math
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +18,14 @@ from torch import nn
 
 from tqdm import tqdm
 
-import weights_io
-from cli import ArgumentParser, positive_int, run_cli
-from config import UsageError
-from data import DATASETS, load_dataset
-from fileio import ensure_writable_dir
-from speed import default_speed, prepare_process
+from lib import weights_io
+from lib.errors import UsageError
+from lib.data import DATASETS, load_dataset
+from lib.fileio import ensure_writable_dir
 
 FORMAT = "conditional-ddpm-mnist classifier"
-BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", "mnist_classifier.safetensors")
+BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pretrained",
+                       "mnist_classifier.safetensors")
 
 
 class Classifier(nn.Module):
@@ -64,13 +52,8 @@ class Classifier(nn.Module):
         return self.body(self.prepare(images))
 
     def feature_blocks(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Features at three depths, for the quality metric (``evaluate.FeatureSpace``).
-
-        ``low``: after the first block (32 channels at 14x14), ``mid``: after the second (64 at 7x7), each
-        summarised by every channel's mean and standard deviation over the image (``(B, 64)``, ``(B, 128)``);
-        ``high``: the penultimate features (``(B, 128)``). The convolutional blocks see strokes, edges and
-        backgrounds, which the label-trained penultimate layer learns to ignore.
-        """
+        """Features at three depths, for ``lib.metrics``: ``low`` and ``mid`` after each block, every channel's
+        mean and standard deviation (``(B, 64)``, ``(B, 128)``), and ``high``, the penultimate ``(B, 128)``."""
         low = self.body[0](self.prepare(images))
         mid = self.body[1](low)
         return {"low": channel_stats(low), "mid": channel_stats(mid), "high": self.body[2:](mid)}
@@ -179,18 +162,15 @@ def read_classifier(path: str) -> tuple[Classifier, dict[str, Any]]:
 
 
 def load_or_train(root: str, cache: str, epochs: int = 12, dataset: str = "mnist") -> tuple[Classifier, dict[str, Any]]:
-    """The classifier in ``cache``, or a newly trained one written there.
-
-    The bundled classifier is used as it is. A cache is used when it was trained on the same files of
-    ``root``'s ``dataset`` for ``epochs``, and trained again (and replaced) when not; a file at ``cache`` that
-    is not a classifier cache is never replaced (:class:`UsageError`).
-    """
+    """The classifier in ``cache``: the bundled one, or a cache of these files, as they are; else one trained
+    (again) on ``root``'s training split and written there."""
     if os.path.exists(cache):
         model, saved = read_classifier(cache)
         if is_bundled(cache) or (saved.get("dataset"), saved.get("fingerprint"), saved.get("epochs")) == (
                 dataset, fingerprint(root, dataset), epochs):
             return model, saved
-        why = "its training files have changed" if saved.get("dataset") == dataset else f"it is for {saved.get('dataset')}"
+        why = ("its training files have changed" if saved.get("dataset") == dataset
+               else f"it is for {saved.get('dataset')}")
         print(f"note: the classifier in {cache!r} is out of date ({why}); training it again", file=sys.stderr)
     images, labels = load_dataset(root, train=True, download=False, name=dataset)
     test_images, test_labels = load_dataset(root, train=False, download=False, name=dataset)
@@ -206,36 +186,3 @@ def load_or_train(root: str, cache: str, epochs: int = 12, dataset: str = "mnist
              "train_seconds": round(time.perf_counter() - started, 1)}
     save_classifier(cache, model, saved)
     return model, saved
-
-
-EXAMPLES = (
-    "python classifier.py --data-root DATA                            # train once (or reuse the cache)",
-    "python classifier.py --data-root DATA --dataset fashion-mnist    # one per dataset, cached apart",
-    "python classifier.py --data-root DATA --epochs 2 --cache /tmp/c.pt   # a quick one, kept elsewhere",
-)
-
-
-def _main(argv: Sequence[str] | None) -> int:
-    p = ArgumentParser(prog="classifier.py", description="Train (or load the cached) MNIST classifier.",
-                       examples=EXAMPLES)
-    p.add_argument("--data-root", default="./data",
-                   help="folder holding MNIST/raw or FashionMNIST/raw (default ./data)")
-    p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist", help="default mnist")
-    p.add_argument("--cache", help="where the trained classifier is kept (default: the bundled one for MNIST, "
-                                   "else checkpoints/classifier/classifier_<dataset>.safetensors)")
-    p.add_argument("--epochs", type=positive_int, default=12, help="training epochs (default 12)")
-    args = p.parse_args(argv)
-    prepare_process(default_speed(torch.device("cpu")))  # it trains on the CPU: keep freed memory for the next step
-    model, info = load_or_train(args.data_root, args.cache or default_classifier(args.dataset), args.epochs,
-                                args.dataset)
-    print(f"classifier ({args.dataset}): test accuracy {info['test_accuracy']:.4f} on {info['test_size']} test images "
-          f"(trained on {info['train_size']} in {info['train_seconds']:.0f}s)")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli("classifier.py", _main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,30 +1,16 @@
-"""Sample-quality metrics in the feature space of the project's classifier (``classifier.py``).
-
-* FID (Heusel et al. 2017): the Fréchet distance between Gaussians fitted to generated and real features.
-  The features (:class:`FeatureSpace`) are taken at three depths of the classifier: the two convolutional
-  blocks, which see strokes, edges and backgrounds, and the penultimate layer, which sees the class. A
-  classifier trained on labels alone learns to ignore stroke noise in its last layers, so an FID of the
-  penultimate features alone misses rough digits (``fid_high``, the project's earlier metric, kept for
-  comparison). Each block is scaled to unit total variance on the real test digits, so none dominates by
-  its units.
-* Precision and recall (Kynkäänniemi et al. 2019): the share of generated digits inside the manifold of real
-  ones (fidelity), and of real digits inside the manifold of generated ones (diversity); a manifold is the
-  union of balls reaching each point's k-th nearest neighbour, in the same features.
-* Accuracy: the share the classifier reads as the requested class; diversity: the mean distance between two
-  digits of the same class, relative to real digits.
-
-:class:`Reference` scores any set of labelled images and gives the *floor* for the same labels: the same
-metrics for as many real training digits of the same classes, which is what a perfect model would score
-at that sample size.
+"""Sample quality in the features of the project's classifier (``lib.classifier``): accuracy (read as the class
+asked for); FID (Heusel et al. 2017) in features taken at the classifier's two convolutional blocks, which see
+strokes and backgrounds, and at its penultimate layer, which sees the class, each scaled to unit variance on the
+test digits; precision and recall (Kynkäänniemi et al. 2019), the shares of generated digits inside the manifold
+of real ones and of real digits inside theirs. :class:`Reference` scores labelled images and gives the floor: the
+same metrics for as many real training digits of the same classes.
 """
-
-from __future__ import annotations
 
 from typing import Any
 
 import torch
 
-import classifier as clf
+from lib import classifier as clf
 
 
 def gaussian_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,31 +20,14 @@ def gaussian_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> float:
-    """``|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2))`` (Heusel et al. 2017).
-
-    ``tr((C1 C2)^(1/2))`` is computed as the sum of square roots of the eigenvalues of the symmetric
-    matrix ``C1^(1/2) C2 C1^(1/2)``, which has the same spectrum and is stable to take apart.
-    """
+    """``|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2))`` (Heusel et al. 2017), the trace of the square root from the
+    eigenvalues of the symmetric ``C1^(1/2) C2 C1^(1/2)``, which has the same spectrum."""
     values, vectors = torch.linalg.eigh(cov1.double())
     sqrt_c1 = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
     middle = sqrt_c1 @ cov2.double() @ sqrt_c1
     trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
     distance = (mu1 - mu2).double().pow(2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * trace_sqrt
     return float(distance.clamp(min=0))
-
-
-def fid(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
-    return frechet_distance(*gaussian_stats(features_a), *gaussian_stats(features_b))
-
-
-def within_class_spread(features: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean distance between two different samples of the same class, averaged over classes."""
-    spreads = []
-    for k in labels.unique():
-        f = features[labels == k].double()
-        if len(f) > 1:
-            spreads.append(torch.cdist(f, f).sum() / (len(f) * (len(f) - 1)))
-    return float(torch.stack(spreads).mean())
 
 
 def knn_radii(features: torch.Tensor, k: int = 3, chunk: int = 1000) -> torch.Tensor:
@@ -79,8 +48,7 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tupl
 
 
 class FeatureSpace:
-    """The metric's features: :meth:`classifier.Classifier.feature_blocks`, each block scaled to unit total
-    variance on ``reference`` images, concatenated: ``uint8 (N, 28, 28) -> (N, 320)``."""
+    """The metric's features: the classifier's blocks, each scaled to unit total variance on ``reference``."""
 
     def __init__(self, model: clf.Classifier, reference: torch.Tensor) -> None:
         self.model = model
@@ -95,15 +63,14 @@ class FeatureSpace:
 
     @torch.inference_mode()
     def embed(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``features`` (scaled blocks, concatenated), ``high`` (penultimate) and ``predicted`` labels."""
+        """``features`` (the scaled blocks, concatenated) and ``predicted`` labels."""
         blocks = self.blocks(images)
         features = torch.cat([blocks[name] * scale for name, scale in self.scales.items()], dim=1)
-        return {"features": features, "high": blocks["high"], "predicted": self.model.head(blocks["high"]).argmax(1)}
+        return {"features": features, "predicted": self.model.head(blocks["high"]).argmax(1)}
 
 
 def class_matched(labels: torch.Tensor, pool: torch.Tensor, seed: int) -> torch.Tensor:
-    """Indices into ``pool`` (labels) with as many of each class as ``labels`` has, drawn without replacement
-    (all of a class when the pool has fewer)."""
+    """Indices into ``pool`` with as many of each class as ``labels``, drawn without replacement."""
     generator = torch.Generator().manual_seed(seed)
     picks = []
     for k, count in zip(*labels.unique(return_counts=True)):
@@ -113,8 +80,7 @@ def class_matched(labels: torch.Tensor, pool: torch.Tensor, seed: int) -> torch.
 
 
 class Reference:
-    """Real digits to score against: the test split (FID statistics, precision/recall) and the training split
-    (the floor). ``train`` and ``test`` are ``(images uint8 (N, 28, 28), labels (N,))``."""
+    """Real digits to score against: the test split (FID, precision, recall) and the training split (the floor)."""
 
     def __init__(self, model: clf.Classifier, train: tuple[torch.Tensor, torch.Tensor],
                  test: tuple[torch.Tensor, torch.Tensor], seed: int = 0, name: str = "real training digits") -> None:
@@ -123,7 +89,6 @@ class Reference:
         self._draws: dict[tuple, dict[str, torch.Tensor]] = {}  # real draws by class counts: embedded once
         self.test = self.space.embed(test[0])
         self.stats = gaussian_stats(self.test["features"])
-        self.stats_high = gaussian_stats(self.test["high"])
 
     def _real_draw(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The class-matched draw of real training digits, embedded (every row of a table shares it)."""
@@ -134,16 +99,15 @@ class Reference:
         return self._draws[key]
 
     def score(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-        """Every metric of labelled ``images``: accuracy (and per class), FID, FID of the penultimate features
-        alone, precision, recall and diversity."""
-        return self._score(self.space.embed(images), labels, self._real_draw(labels))
+        """Every metric of labelled ``images``: accuracy (and per class), FID, precision and recall."""
+        return self._score(self.space.embed(images), labels)
 
     def floor(self, labels: torch.Tensor) -> dict[str, Any]:
         """The same metrics for real training digits of the classes in ``labels``: the floor at that size."""
         real = self._real_draw(labels)
-        return {"name": self.name, **self._score(real, real["labels"], real)}
+        return {"name": self.name, **self._score(real, real["labels"])}
 
-    def _score(self, e: dict[str, torch.Tensor], labels: torch.Tensor, real: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def _score(self, e: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, Any]:
         correct = e["predicted"] == labels
         test_draw = self.test["features"][class_matched(labels, self.test_labels, self.seed + 1)]
         precision, recall = precision_recall(test_draw, e["features"])
@@ -152,8 +116,5 @@ class Reference:
             "accuracy": correct.float().mean().item(),
             "per_digit": {int(k): correct[labels == k].float().mean().item() for k in labels.unique()},
             "fid": frechet_distance(*gaussian_stats(e["features"]), *self.stats),
-            "fid_high": frechet_distance(*gaussian_stats(e["high"]), *self.stats_high),
             "precision": precision, "recall": recall,
-            "diversity": within_class_spread(e["features"], labels)
-            / within_class_spread(real["features"], real["labels"]),
         }

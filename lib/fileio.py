@@ -1,13 +1,7 @@
-"""Files that survive crashes: durable atomic writes, the temp files a killed writer leaves, one writer per run.
-
-* :func:`atomic_write` writes a temp file beside the target, syncs it to disk and renames it over the
-  target, so a reader (or a restart after a crash or a power loss) sees the old file or the new one,
-  never half of one.
-* :func:`remove_stale_temps` removes the temp files of a writer killed before its rename.
-* :func:`exclusive` holds a lock file naming its holder, so that two runs never write the same files.
+"""Files that survive crashes: :func:`atomic_write` (a temp file, synced and renamed over the target, so a reader
+sees the old file or the new one, never half), :func:`remove_stale_temps` (what a killed writer left) and
+:func:`exclusive` (a lock naming its holder, so that two runs never write the same files).
 """
-
-from __future__ import annotations
 
 import contextlib
 import errno
@@ -19,8 +13,8 @@ import sys
 import tempfile
 from typing import Callable, Iterable, Iterator
 
-from config import UsageError
-from stopping import RunFailed
+from lib.errors import UsageError
+from lib.errors import RunFailed
 
 try:
     import fcntl
@@ -41,12 +35,8 @@ def ensure_writable_dir(path: str, what: str) -> None:
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, sync the temp file to disk, rename it over ``path``, sync the folder.
-
-    Killed at any moment, this leaves ``path`` old or new, never half-written or (after a power loss)
-    empty. An ``OSError`` (disk full, permission lost) becomes a one-line :class:`RunFailed` naming
-    ``path``; the temp file is removed and ``path`` is left as it was.
-    """
+    """Call ``write(tmp)``, sync it, rename it over ``path``, sync the folder: ``path`` is old or new, never half;
+    an ``OSError`` becomes a one-line ``RunFailed`` with ``path`` untouched."""
     directory, name = os.path.split(os.path.abspath(path))
     stem, ext = os.path.splitext(name)
     tmp = os.path.join(directory, f"{TEMP_PREFIX}{stem}-{secrets.token_hex(6)}{ext}")
@@ -84,12 +74,7 @@ def _sync(path: str) -> None:
 
 
 def remove_stale_temps(targets: Iterable[str]) -> list[str]:
-    """Remove the temp files :func:`atomic_write` left beside ``targets`` when killed before its rename.
-
-    A ``*`` in a target's file name matches anything (``samples_epoch*_500_32.png``). Only the caller
-    may write these targets (it holds their :func:`exclusive` lock), so no temp file of a live writer is
-    touched. Returns the paths removed.
-    """
+    """Remove the temp files a killed :func:`atomic_write` left beside ``targets`` (``*`` matches anything)."""
     removed = []
     for target in targets:
         directory, name = os.path.split(os.path.abspath(target))
@@ -103,11 +88,8 @@ def remove_stale_temps(targets: Iterable[str]) -> list[str]:
 
 @contextlib.contextmanager
 def exclusive(path: str, what: str) -> Iterator[None]:
-    """Hold the lock file ``path`` (it names its holder: ``pid host``) while the block runs.
-
-    Another live holder is a :class:`UsageError`. The lock is an ``flock``, which the OS drops however its
-    holder ends (``kill -9`` included); a file left by a holder that is gone is taken over with a note.
-    """
+    """Hold the lock ``path`` (an ``flock`` naming its holder) for the block; another live holder is a
+    ``UsageError``, a dead one's file is taken over with a note."""
     fd, holder = _open_lock(path, what)
     try:
         if holder:
@@ -147,14 +129,14 @@ def _held_by_another(fd: int, holder: str) -> bool:
             return False
         except BlockingIOError:
             return True
-    pid, _, host = holder.partition(" ")
+    pid, _, host = holder.partition(" ")  # no flock (Windows): a holder of this host is alive while its pid is
     if not pid.isdigit() or host != socket.gethostname():
         return bool(holder)
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
-    except OSError:
+    except OSError:  # it is alive, another user's
         pass
     return True
 

@@ -1,8 +1,8 @@
 """Mutation testing of the diffusion core: every hand-made defect below must make the test suite fail.
 
-    python benchmarks/mutants.py              # every mutant, two at a time: which test kills each
-    python benchmarks/mutants.py --list       # the mutants, without running them
-    python benchmarks/mutants.py ema-skipped cfg-base   # only these
+    python tools/mutants.py              # every mutant, two at a time: which test kills each
+    python tools/mutants.py --list       # the mutants, without running them
+    python tools/mutants.py ema-skipped cfg-base   # only these
 
 Each mutant replaces one exact piece of the code (it must occur exactly once) in a copy of the project and
 runs the suite on the copy with ``-x``, the core's tests first, so a killed mutant costs seconds. A mutant is
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the core's tests first: a defect of the core is usually caught there, in seconds
-FIRST = ("tests/test_core.py", "tests/test_ddpm.py", "tests/test_training.py", "tests/test_recipes.py")
+FIRST = ("tests/test_core.py", "tests/test_samplers.py", "tests/test_training.py")
 
 
 @dataclass(frozen=True)
@@ -37,78 +37,77 @@ class Mutant:
     what: str
 
 
+S, T = "lib/samplers.py", "lib/training.py"
 MUTANTS = (
-    Mutant("posterior-mean-sign", "ddpm.py", "(x - self.eps_coef[t] * eps)", "(x + self.eps_coef[t] * eps)",
+    Mutant("posterior-mean-sign", S, "(x - ddpm.eps_coef[t] * eps(x, t))", "(x + ddpm.eps_coef[t] * eps(x, t))",
            "Algorithm 2's mean adds the noise estimate instead of removing it"),
     Mutant("posterior-mean-coef", "ddpm.py", '"eps_coef": betas / (1.0 - alphas_cumprod).sqrt(),',
            '"eps_coef": betas / (1.0 - alphas_cumprod),', "the mean's eps coefficient without its square root"),
-    Mutant("posterior-variance", "ddpm.py", "return mean + self.posterior_variance[t].sqrt() * z",
-           "return mean + self.posterior_variance[t] * z", "the reverse step's noise scaled by the variance, not the std"),
+    Mutant("posterior-variance", S, "x = mean + ddpm.posterior_variance[t].sqrt() * noise()",
+           "x = mean + ddpm.posterior_variance[t] * noise()", "the reverse step's noise scaled by the variance"),
     Mutant("q-sample-swapped", "ddpm.py",
-           "extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0\n            + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise",
-           "extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0\n            + extract(self.sqrt_alphas_cumprod, t, x0.ndim) * noise",
+           "extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0\n                + extract(self.sqrt_one_minus_alphas_cumprod",
+           "extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0\n                + extract(self.sqrt_alphas_cumprod",
            "q_sample's two coefficients swapped"),
-    Mutant("q-sample-no-sqrt", "ddpm.py", "extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0\n",
-           "extract(self.alphas_cumprod, t, x0.ndim) * x0\n", "q_sample scales x0 by a_bar instead of sqrt(a_bar)"),
+    Mutant("q-sample-no-sqrt", "ddpm.py", "return (extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0",
+           "return (extract(self.alphas_cumprod, t, x0.ndim) * x0", "q_sample scales x0 by a_bar, not sqrt(a_bar)"),
     Mutant("v-target-sign", "ddpm.py", "- extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)",
            "+ extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)", "the v target with x0's sign flipped"),
-    Mutant("v-to-eps", "ddpm.py", "return sqrt_a * out + sqrt_1ma * x", "return sqrt_a * out - sqrt_1ma * x",
-           "the v output converted to a noise estimate with the wrong sign"),
-    Mutant("cfg-base", "ddpm.py", "eps = eps_uncond + guidance * (eps_cond - eps_uncond)",
-           "eps = eps_cond + guidance * (eps_cond - eps_uncond)", "guidance extrapolates from the conditional estimate"),
+    Mutant("v-to-eps", "ddpm.py", "return extract(self.sqrt_alphas_cumprod, t, x.ndim) * out + extract(",
+           "return extract(self.sqrt_alphas_cumprod, t, x.ndim) * out - extract(",
+           "the v output turned into a noise estimate with the wrong sign"),
+    Mutant("cfg-base", "ddpm.py", "return eps_uncond + scale * (eps_cond - eps_uncond)",
+           "return eps_cond + scale * (eps_cond - eps_uncond)", "guidance extrapolates from the conditional estimate"),
     Mutant("cfg-cond-half", "ddpm.py", "torch.cat((labels, null))", "torch.cat((null, null))",
            "the conditional half of the guided batch gets no label"),
     Mutant("cfg-uncond-half", "ddpm.py", "torch.cat((labels, null))", "torch.cat((labels, labels))",
            "the unconditional half of the guided batch gets the label"),
-    Mutant("cfg-halves-swapped", "ddpm.py", "eps_cond, eps_uncond = self.branch_eps(",
-           "eps_uncond, eps_cond = self.branch_eps(", "the two halves of the guided batch read the wrong way round"),
-    Mutant("cfg-scale-1", "ddpm.py", "eps = eps_cond = self.branch_eps(x, t, labels, estimates",
-           "eps = eps_cond = self.branch_eps(x, t, self.null_labels_like(labels), estimates",
+    Mutant("cfg-halves-swapped", "ddpm.py", "eps_cond, eps_uncond = both.chunk(2)", "eps_uncond, eps_cond = both.chunk(2)",
+           "the two halves of the guided batch read the wrong way round"),
+    Mutant("cfg-scale-1", "ddpm.py", "labels if scale else null", "null if scale else null",
            "guidance 1 (plain conditional) asks without the label"),
-    Mutant("cfg-scale-0", "ddpm.py", 'return self.branch_eps(x, t, self.null_labels_like(labels), estimates, ("uncond",))',
-           'return self.branch_eps(x, t, labels, estimates, ("uncond",))', "guidance 0 (unconditional) keeps the label"),
+    Mutant("cfg-scale-0", "ddpm.py", "labels if scale else null", "labels if scale else labels",
+           "guidance 0 (unconditional) keeps the label"),
     Mutant("sampling-timestep", "ddpm.py", "t_batch = torch.full((x.shape[0],), t,",
            "t_batch = torch.full((x.shape[0],), max(t - 1, 0),", "the sampler hands the network the next timestep"),
-    Mutant("training-timestep", "ddpm.py", "out = self.network(x_t, t, labels,", "out = self.network(x_t, self.T - 1 - t, labels,",
-           "training hands the network the timestep mirrored"),
-    Mutant("interval-inverted", "ddpm.py", "return [interval[0] < s <= interval[1] for s in sigma]",
-           "return [not interval[0] < s <= interval[1] for s in sigma]", "guidance outside the interval, not inside"),
-    Mutant("interval-sigma", "ddpm.py", "sigma = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().tolist()",
-           "sigma = (self.alphas_cumprod / (1 - self.alphas_cumprod)).sqrt().tolist()",
-           "the interval measured in 1 / sigma"),
-    Mutant("interval-ignored", "ddpm.py", "scale = guidance if guidance <= 1 or guided else 1.0", "scale = guidance",
+    Mutant("training-timestep", "ddpm.py", "self.model(self.q_sample(x0, t, noise), t, labels)",
+           "self.model(self.q_sample(x0, t, noise), self.T - 1 - t, labels)", "training hands the network t mirrored"),
+    Mutant("interval-inverted", "ddpm.py", "inside = [interval is None or interval[0] < s <= interval[1]",
+           "inside = [interval is None or not interval[0] < s <= interval[1]", "guidance outside the interval"),
+    Mutant("interval-sigma", "ddpm.py", '"sigmas": ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt(),',
+           '"sigmas": (alphas_cumprod / (1.0 - alphas_cumprod)).sqrt(),', "the interval measured in 1 / sigma"),
+    Mutant("interval-ignored", "ddpm.py", "scale if scale <= 1 or inside[t] else 1.0", "scale",
            "the guidance applies at every step whatever the interval"),
-    Mutant("dpm-extrapolation", "ddpm.py", "return x0 + (x0 - x0_before) / (2 * r)", "return x0 + (x0 - x0_before) / r",
+    Mutant("dpm-extrapolation", S, "estimate = x0 + (x0 - before[1]) / (2 * r)", "estimate = x0 + (x0 - before[1]) / r",
            "DPM-Solver++(2M) extrapolates to the end of the step, not its middle"),
-    Mutant("dpm-ratio", "ddpm.py", "r = (lam[t] - lam[t_before]) / (lam[t_prev] - lam[t])",
-           "r = (lam[t_prev] - lam[t]) / (lam[t] - lam[t_before])", "the step-size ratio r upside down"),
-    Mutant("dpm-history", "ddpm.py", "self.before = (t, x0)", "self.before = (t, estimate)",
+    Mutant("dpm-ratio", S, "r = (lam[t] - lam[before[0]]) / (lam[t_prev] - lam[t])",
+           "r = (lam[t_prev] - lam[t]) / (lam[t] - lam[before[0]])", "the step-size ratio r upside down"),
+    Mutant("dpm-history", S, "before = (t, x0)", "before = (t, estimate)",
            "DPM-Solver++ remembers its extrapolation instead of the network's prediction"),
-    Mutant("ema-skipped", "training.py", "    update_ema(state.ema, state.ddpm.eps_model, ema_decay)\n", "",
+    Mutant("ema-skipped", T, "    update_ema(state.ema, state.ddpm.model, ema_decay)\n", "",
            "the EMA is never updated"),
-    Mutant("ema-weight", "training.py", "list(model.parameters()), 1.0 - decay)", "list(model.parameters()), decay)",
+    Mutant("ema-weight", T, "list(model.parameters()), 1.0 - decay)", "list(model.parameters()), decay)",
            "the EMA weighs the new weights by the decay"),
-    Mutant("ema-warm-up-reset", "training.py", "decay = ema_decay_at(step + i,", "decay = ema_decay_at(i,",
-           "the EMA's warm-up restarts every epoch"),
-    Mutant("ema-warm-up-formula", "training.py", "return min(decay, (1.0 + step) / (gamma + 2.0 + step))",
+    Mutant("ema-warm-up-reset", T, "ema_decay_at(step + i)", "ema_decay_at(i)", "the EMA's warm-up restarts every epoch"),
+    Mutant("ema-warm-up-formula", T, "return min(decay, (1.0 + step) / (gamma + 2.0 + step))",
            "return min(decay, (1.0 + step) / (gamma + 1.0 + step))", "the warm-up's power-function decay off by one"),
     Mutant("label-dropout-ignored", "ddpm.py",
-           "labels = torch.where(drop, torch.full_like(labels, self.eps_model.null_label), labels)",
+           "labels = torch.where(drop, torch.full_like(labels, self.model.null_label), labels)",
            "labels = labels", "the drawn label dropout is never applied"),
     Mutant("label-dropout-rate", "ddpm.py", "< self.p_uncond", "> self.p_uncond",
            "labels dropped with probability 1 - p_uncond"),
-    Mutant("loss-target", "ddpm.py", "return F.mse_loss(out, target)", "return F.mse_loss(out, noise)",
+    Mutant("loss-target", "ddpm.py", "labels), self.target(x0, t, noise))", "labels), noise)",
            "the loss always targets the noise, whatever the prediction"),
-    Mutant("loss-l1", "ddpm.py", "return F.mse_loss(out, target)", "return F.l1_loss(out, target)",
+    Mutant("loss-l1", "ddpm.py", "return F.mse_loss(self.model(", "return F.l1_loss(self.model(",
            "the loss is the mean absolute error"),
-    Mutant("checkpoint-ema-saved", "training.py", "ema=state.ema.state_dict(),",
-           "ema=state.ddpm.eps_model.state_dict(),", "the checkpoint stores the raw weights as the EMA"),
-    Mutant("checkpoint-ema-resumed", "training.py", 'ema.load_state_dict(ckpt["ema"])',
+    Mutant("checkpoint-ema-saved", T, "ema=state.ema.state_dict(),",
+           "ema=state.ddpm.model.state_dict(),", "the checkpoint stores the raw weights as the EMA"),
+    Mutant("checkpoint-ema-resumed", T, 'ema.load_state_dict(ckpt["ema"])',
            'ema.load_state_dict(ckpt["model"])', "a resumed run restarts its EMA from the raw weights"),
-    Mutant("checkpoint-ema-sampled", "checkpoint.py", 'weights: str = "ema"', 'weights: str = "model"',
+    Mutant("checkpoint-ema-sampled", "lib/checkpoint.py", 'weights: str = "ema"', 'weights: str = "model"',
            "sampling loads the raw weights instead of the EMA"),
-    Mutant("checkpoint-ema-exported", "checkpoint.py", 'ema = _cast_floats(ckpt.get("ema"), torch.float16, src)',
-           'ema = _cast_floats(ckpt.get("model"), torch.float16, src)', "the weights file exports the raw weights"),
+    Mutant("checkpoint-ema-exported", "tools/export_weights.py", 'for k, v in ckpt["ema"].items()}',
+           'for k, v in ckpt["model"].items()}', "the weights file exports the raw weights"),
 )
 
 
@@ -132,7 +131,7 @@ def mutated(mutant: Mutant, root: str) -> str:
         text = f.read()
     if text.count(mutant.old) != 1:
         raise SystemExit(f"mutant {mutant.name}: the code it replaces occurs {text.count(mutant.old)} times in "
-                         f"{mutant.path}, not once; update benchmarks/mutants.py")
+                         f"{mutant.path}, not once; update tools/mutants.py")
     return text.replace(mutant.old, mutant.new)
 
 

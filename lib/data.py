@@ -1,15 +1,9 @@
-"""Data in and images out: the two places where pixels change range.
-
-* In: :func:`load_dataset` reads a data set of :data:`DATASETS` through torchvision as a ``uint8``
-  tensor, :func:`batches` walks it in a seeded order, and :func:`to_model_range` maps a batch to
-  floats in ``[-1, 1]``, the range of ``ddpm.py``.
-* Out: :func:`to_uint8` maps model output back to ``uint8`` (white digit on black, like
-  MNIST), and :func:`save_grid` writes a PNG grid with dark digits on white.
-
-Images are ``(N, H, W)`` for one channel (MNIST's own layout) and ``(N, C, H, W)`` for more.
+"""Data in and images out, the two places where pixels change range: :func:`load_dataset` reads a data set of
+:data:`DATASETS` through torchvision as ``uint8``, :func:`batches` walks it in a seeded order and
+:func:`to_model_range` maps a batch to ``[-1, 1]``; :func:`to_uint8` maps model output back, and
+:func:`save_grid` writes a PNG grid, dark digits on white. Images are ``(N, H, W)`` for one channel (MNIST's own
+layout) and ``(N, C, H, W)`` for more.
 """
-
-from __future__ import annotations
 
 import gzip
 import math
@@ -24,8 +18,8 @@ import torchvision
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
-from config import UsageError
-from fileio import atomic_write, write_bytes
+from lib.errors import UsageError
+from lib.fileio import atomic_write
 
 
 @dataclass(frozen=True)
@@ -57,12 +51,8 @@ REPLACE = "replace the file with a good copy, or delete it to download it again"
 def load_dataset(
     root: str, train: bool = True, download: bool = True, name: str = "mnist"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read a split with torchvision: ``images (N, H, W) uint8``, ``labels (N,) int64``.
-
-    Nothing is downloaded when the files (or their ``.gz``, which are unpacked in place) are
-    already in ``<root>/<folder>/raw``; when they are missing and cannot be downloaded, a
-    :class:`UsageError` says where to put them, and a damaged file is one naming it.
-    """
+    """A split through torchvision, ``images (N, H, W) uint8`` and ``labels (N,)``, downloaded only if its files
+    (or their ``.gz``) are not in ``<root>/<folder>/raw``; a missing or damaged file is a one-line ``UsageError``."""
     cls, folder = DATASETS[name].torchvision_class, DATASETS[name].folder
     raw = os.path.join(root, folder, "raw")
     _unpack_local_gz(raw)
@@ -82,11 +72,6 @@ def load_dataset(
     return dataset.data, dataset.targets.long()
 
 
-def first_images(images: torch.Tensor, labels: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` images and labels of a split, in the file's order (all of them for ``n = 0``)."""
-    return (images[:n], labels[:n]) if n else (images, labels)
-
-
 def _unpack_local_gz(raw: str) -> None:
     # torchvision reads only unpacked files unless it may download; unpacking is local work
     for name in RAW_FILES:
@@ -100,10 +85,7 @@ def _unpack_local_gz(raw: str) -> None:
 
 
 def check_raw_files(raw: str, train: bool, info: DatasetInfo) -> None:
-    """Refuse a split's damaged IDX files (truncated, misnamed, mislabelled) with one line naming the file.
-
-    Missing files are left to torchvision's own check and the download.
-    """
+    """Refuse a split's damaged IDX files (truncated, misnamed, mislabelled) in one line naming the file."""
     split = "train" if train else "t10k"
     images_path = os.path.join(raw, f"{split}-images-idx3-ubyte")
     labels_path = os.path.join(raw, f"{split}-labels-idx1-ubyte")
@@ -149,34 +131,15 @@ def _download(cls: type, root: str, train: bool, missing: str) -> torchvision.da
         raise UsageError(f"could not download ({reason}); {missing}") from None
 
 
-def write_idx(path: str, array: torch.Tensor) -> None:
-    """Write a uint8 tensor in the IDX format MNIST ships in (big-endian sizes, magic 0x08 = unsigned byte)."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
-    atomic_write(path, lambda tmp: write_bytes(tmp, header + array.to(torch.uint8).contiguous().numpy().tobytes()))
-
-
 def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
-            on_device: bool = True, device: torch.device | None = None,
             part: Callable[[torch.Tensor], torch.Tensor] | None = None,
             skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of ``(uint8 images, int64 labels)`` in a seeded random order, from batch ``skip`` on.
-
-    ``on_device``: index the tensors where they are; otherwise a ``DataLoader`` collates each batch on the CPU
-    and it is copied to ``device``. ``part`` keeps this process's slice of each batch's indices (all of
-    them in a single process; see ``distributed.Replicas``).
-    """
+    """Batches of ``(uint8 images, labels)`` in a seeded order from batch ``skip`` on; ``part``: this rank's slice."""
     order = torch.randperm(len(images), generator=generator)
-    indices = [order[start:start + batch_size] for start in range(0, len(images), batch_size)][skip:]
-    indices = [part(index) for index in indices] if part else indices
-    if on_device:
-        for index in indices:
-            index = index.to(images.device)
-            yield images[index], labels[index]
-        return
-    dataset = torch.utils.data.TensorDataset(images.cpu(), labels.cpu())
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[index.tolist() for index in indices])
-    for x, y in loader:
-        yield x.to(device or images.device), y.to(device or images.device)
+    for start in range(skip * batch_size, len(images), batch_size):
+        index = order[start:start + batch_size]
+        index = (part(index) if part else index).to(images.device)
+        yield images[index], labels[index]
 
 
 def to_model_range(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
@@ -186,19 +149,14 @@ def to_model_range(images: torch.Tensor, channels_last: bool = False) -> torch.T
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Model output ``(B, C, H, W)`` around ``[-1, 1]`` -> ``uint8``, white digit on black.
-
-    One channel comes back as ``(B, H, W)``, MNIST's own layout; more stay ``(B, C, H, W)``.
-    """
+    """Model output ``(B, C, H, W)`` around ``[-1, 1]`` -> ``uint8``, white on black: ``(B, H, W)`` for one channel."""
     pixels = ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8).cpu()
     return pixels.squeeze(1) if pixels.shape[1] == 1 else pixels
 
 
 def grid_image(x: torch.Tensor, ncol: int = 10, header: list[str] | None = None) -> Image.Image:
-    """Images ``(B, C, H, W)`` in ``[-1, 1]`` as one picture, ``ncol`` per row, dark on white.
-
-    With ``header`` (one name per column) the grid is drawn at twice the size under a row of names.
-    """
+    """Images ``(B, C, H, W)`` in ``[-1, 1]`` as one picture, ``ncol`` per row, dark on white; with ``header`` (a
+    name per column) at twice the size under a row of names."""
     inverted = 255 - to_uint8(x)
     inverted = inverted.unsqueeze(1) if inverted.ndim == 3 else inverted
     grid = make_grid(inverted, nrow=ncol, padding=2, pad_value=255)
@@ -221,10 +179,7 @@ def save_grid(x: torch.Tensor, path: str, ncol: int = 10, header: list[str] | No
 
 
 def save_gif(frames: list[Image.Image], path: str, frame_ms: int = 80, hold_ms: int = 1500) -> None:
-    """Write ``frames`` as a looping GIF, holding the last one for ``hold_ms`` (atomically).
-
-    Grey levels are cut to 16: frames of near-pure noise hardly compress, and this halves the file.
-    """
+    """Write ``frames`` as a looping GIF in 16 grey levels (noise compresses badly), the last held ``hold_ms``."""
     frames = [frame.point(lambda v: round(v * 15 / 255) * 17) for frame in frames]
     durations = [frame_ms] * (len(frames) - 1) + [hold_ms]
     atomic_write(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],

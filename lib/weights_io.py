@@ -1,14 +1,8 @@
-"""Weights files that prove they are whole: safetensors with string metadata and a SHA-256 of their contents.
-
-A safetensors file is an 8-byte little-endian header length, a JSON header (each tensor's dtype, shape and
-byte range, and a ``__metadata__`` dict of strings), then the tensors' bytes. :func:`write` stores in the
-metadata, as ``sha256``, the digest of everything else in the file: the header with that one entry left out
-(as canonical JSON) and the tensors' bytes. :func:`read` checks it before any tensor is made, so a flipped
-byte anywhere, a truncated copy or an edited header is refused, and it never runs code (safetensors holds no
-pickles).
+"""Weights files that prove they are whole: safetensors (an 8-byte header length, a JSON header of the tensors'
+dtypes, shapes and byte ranges and a ``__metadata__`` dict of strings, then the tensors' bytes) with ``sha256``,
+the digest of everything else in the file, in the metadata. :func:`read_header` checks it before any tensor is
+made: a flipped byte, a truncated copy or an edited header is refused, and nothing in the file can run code.
 """
-
-from __future__ import annotations
 
 import hashlib
 import json
@@ -18,7 +12,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from fileio import atomic_write, write_bytes
+from lib.fileio import atomic_write, write_bytes
 
 DIGEST = "sha256"
 MAX_HEADER = 1 << 24  # bytes; the header of a small model is a few KB
@@ -51,15 +45,11 @@ def split(blob: bytes) -> tuple[dict[str, Any], bytes]:
     return header, blob[8 + size:]
 
 
-def encode(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """The file's bytes: ``tensors`` and ``metadata`` with the content digest added to the metadata."""
-    header, data = split(save_tensors(tensors, metadata=metadata))
-    return save_tensors(tensors, metadata={**metadata, DIGEST: content_digest(header, data)})
-
-
 def write(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write ``tensors`` (contiguous) and string ``metadata`` to ``path`` atomically, with their digest."""
-    blob = encode({k: v.contiguous() for k, v in tensors.items()}, metadata)
+    """Write ``tensors`` and string ``metadata`` to ``path`` atomically, with the digest of both."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    header, data = split(save_tensors(tensors, metadata=metadata))
+    blob = save_tensors(tensors, metadata={**metadata, DIGEST: content_digest(header, data)})
     atomic_write(path, lambda tmp: write_bytes(tmp, blob))
 
 

@@ -1,27 +1,22 @@
-"""The optimizers a run can train with: Adam, or Muon for the hidden weight matrices and Adam for the rest.
+"""The optimizers: Adam, or Muon (Jordan et al. 2024) for the hidden weight matrices and Adam for the rest.
 
-Muon (Jordan et al. 2024) keeps a Nesterov momentum of each hidden layer's gradient, viewed as a matrix
-``(out, in * kh * kw)``, and steps along the nearest semi-orthogonal matrix to it (the momentum with every
-singular value set to about 1, by a few Newton-Schulz iterations), so that every direction of the layer
-learns at the same rate however lopsided its gradient is. The step is scaled to the size of an Adam step,
-``0.2 * sqrt(max(rows, cols))`` times the learning rate (Liu et al. 2025), so that ``--lr`` means roughly the
-same for both; ``--muon-lr-mult`` multiplies it for the Muon matrices. The network's input and output
-convolutions, its label embedding, and every bias and norm weight take Adam steps, as Muon's authors advise.
+Muon steps each hidden layer along its Nesterov momentum, viewed as a matrix ``(out, in * kh * kw)``, made
+semi-orthogonal by Newton-Schulz iterations (every singular value about 1), so that every direction learns at
+the same rate; the step is scaled to an Adam step's size, ``0.2 * sqrt(max(rows, cols))`` (Liu et al. 2025).
 """
-
-from __future__ import annotations
 
 import torch
 from torch import nn
 from torch.optim.adam import adam
 
-from speed import Speed
+from lib.speed import Speed
 
 OPTIMIZERS = ("adam", "muon")
 # The quintic iteration's coefficients (Jordan et al. 2024): they push singular values in (0, 1] to about 0.7-1.2
 # in 5 steps, which is as orthogonal as the step needs and far cheaper than an SVD.
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 MUON_MOMENTUM = 0.95
+MUON_LR_MULT = 2.0  # Muon's learning rate as a multiple of Adam's
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -38,11 +33,8 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """``(muon, adam)``: the hidden weight matrices, and everything else.
-
-    Hidden: the weights of every convolution and linear layer except the first and last convolution in
-    the order the network defines them (its input and output layers).
-    """
+    """``(muon, adam)``: the hidden weight matrices (every convolution's and linear layer's but the network's first
+    and last convolution), and everything else."""
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
     convs = [m for m in layers if not isinstance(m, nn.Linear)]
     outer = [convs[0], convs[-1]] if convs else []
@@ -52,18 +44,13 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 
 class MuonWithAdam(torch.optim.Optimizer):
-    """Muon on the parameters of group ``muon=True``, Adam (torch's functional ``adam``) on the others.
+    """Muon on the group ``muon=True``, Adam on the rest: one optimizer to the schedule and the checkpoint."""
 
-    One optimizer, so that the learning-rate schedule, the checkpoint and a resumed run treat it like Adam:
-    every group's ``lr`` is the schedule's, and Muon's groups multiply it by their ``lr_mult``.
-    """
-
-    def __init__(self, model: nn.Module, lr: float, beta2: float = 0.999, lr_mult: float = 1.0,
-                 fused: bool = False) -> None:
+    def __init__(self, model: nn.Module, lr: float, lr_mult: float = MUON_LR_MULT, fused: bool = False) -> None:
         muon, adam = split_parameters(model)
         groups = [{"params": muon, "muon": True}, {"params": adam, "muon": False}]
         # "fused" is where torch's loader of a saved state looks to put Adam's step counts on the device
-        super().__init__(groups, {"lr": lr, "betas": (0.9, beta2), "eps": 1e-8, "lr_mult": lr_mult, "fused": fused})
+        super().__init__(groups, {"lr": lr, "betas": (0.9, 0.999), "eps": 1e-8, "lr_mult": lr_mult, "fused": fused})
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:
@@ -97,9 +84,8 @@ class MuonWithAdam(torch.optim.Optimizer):
             lr=group["lr"], weight_decay=0.0, eps=group["eps"], maximize=False)
 
 
-def make_optimizer(model: nn.Module, lr: float, speed: Speed, beta2: float = 0.999, kind: str = "adam",
-                   muon_lr_mult: float = 1.0) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, lr: float, speed: Speed, kind: str = "adam") -> torch.optim.Optimizer:
     """The training's optimizer: ``kind`` is one of :data:`OPTIMIZERS`."""
     if kind == "muon":
-        return MuonWithAdam(model, lr, beta2, muon_lr_mult, fused=speed.fused_optimizer)
-    return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, beta2), fused=speed.fused_optimizer or None)
+        return MuonWithAdam(model, lr, fused=speed.fused_optimizer)
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=speed.fused_optimizer or None)

@@ -1,20 +1,7 @@
-"""Several processes, one model: DistributedDataParallel under ``torchrun``.
-
-    torchrun --standalone --nproc_per_node=4 train.py ...                     # one machine, 4 GPUs
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d \\
-             --rdzv-endpoint=HOST:29500 --rdzv-id=ddpm train.py ...          # on each of 2 machines
-
-``train.py`` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); without it,
-everything here is a no-op and training is a single process.
-
-The rule that keeps a distributed run equal to a single-process one: ``--batch-size`` is the *global*
-batch. Every rank walks the same seeded order of the data and draws the same timesteps and noise for
-the whole global batch, then keeps only its own slice (:meth:`Shard.part`). Gradients are averaged by
-DDP, each rank's loss being weighted by its share of the batch, so N processes take the very steps one
-process would, up to floating-point summation order.
+"""Several processes, one model: DistributedDataParallel under ``torchrun`` (a no-op without it). Every rank walks
+the same order and noise of the global batch and keeps its slice, its loss weighted by its share: N processes
+take the steps of one.
 """
-
-from __future__ import annotations
 
 import os
 from dataclasses import dataclass
@@ -92,13 +79,8 @@ def sum_over_ranks(x: torch.Tensor, shard: Shard) -> torch.Tensor:
 
 
 class Replicas:
-    """The model as training calls it, and the bookkeeping that makes N processes train as one.
-
-    In a single process ``module`` is the DDPM itself and every method is the identity. With several,
-    each rank holds a slice of every global batch: the module is DDP-wrapped, each rank's loss is
-    weighted by its share of the batch before ``backward`` (DDP then averages the gradients), and the
-    reported loss is that share, to be summed over ranks (:func:`sum_over_ranks`).
-    """
+    """The model as training calls it (DDP-wrapped with several processes), and each rank's loss weighted by its
+    share of the batch, which makes N processes train as one."""
 
     def __init__(self, ddpm: nn.Module, shard: Shard = SINGLE, device: torch.device | None = None) -> None:
         self.shard = shard

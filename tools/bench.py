@@ -1,13 +1,13 @@
 """Training and sampling speed of the fast path against the plain path, measured side by side.
 
-    python benchmarks/bench.py                                   # T=500, n_feat=128, batch 256, default device
-    python benchmarks/bench.py --device cpu --preset cpu --ablate --compile --sample-n 100   # the CPU preset
-    python benchmarks/bench.py --device cpu --batch-size 128 --train-steps 4 --warmup 1 --sample-n 100 --ablate
-    python benchmarks/bench.py --device cpu --preset cpu --no-amp --profile      # where a CPU training step's time goes
+    python tools/bench.py                                   # T=500, n_feat=128, batch 256, default device
+    python tools/bench.py --device cpu --preset cpu --ablate --compile --sample-n 100   # the CPU preset
+    python tools/bench.py --device cpu --batch-size 128 --train-steps 4 --warmup 1 --sample-n 100 --ablate
+    python tools/bench.py --device cpu --preset cpu --no-amp --profile      # where a CPU training step's time goes
 
-Both paths run the very code ``train.py`` runs (``training.train_step`` over ``data.batches``) on random
-uint8 digits, and sample with the default sampler (``--sampler`` to change it): the plain path is fp32, a
-DataLoader, eager, the loss read back every step; the fast path is ``speed.default_speed(device)`` (in fp32
+Both paths run the very code ``train.py`` runs (``lib.training.train_step`` over ``lib.data.batches``) on random
+uint8 digits, and sample with the default sampler (``--sampler`` to change it): the plain path is fp32, eager,
+the loss read back every step; the fast path is ``lib.speed.default_speed(device)`` (in fp32
 with ``--no-amp``). FLOPs are counted once with ``torch.utils.flop_counter`` (a training step is counted as
 forward + backward of the network). ``--profile`` instead times the fast path's training step op by op
 (``torch.profiler``, CPU only) and says what share of it the convolutions take and at what rate they run.
@@ -30,16 +30,16 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from checkpoint import build_ddpm  # noqa: E402
-from cli import ArgumentParser, non_negative_float, pick_device, positive_int, run_cli  # noqa: E402
-from config import PRESETS, Config, UsageError  # noqa: E402
-from data import batches  # noqa: E402
-from ddpm import DEFAULT_SAMPLER, fewer_step_samplers, make_sampler  # noqa: E402
-from distributed import Replicas  # noqa: E402
-from generation import Sampling, generate  # noqa: E402
-from optimizers import make_optimizer  # noqa: E402
-from speed import PLAIN, Speed, default_speed, prepare_model, prepare_process  # noqa: E402
-from training import TrainState, train_step  # noqa: E402
+from lib.checkpoint import build_ddpm  # noqa: E402
+from lib.cli import ArgumentParser, non_negative_float, pick_device, positive_int, run_cli  # noqa: E402
+from lib.config import PRESETS, Config  # noqa: E402
+from lib.data import batches  # noqa: E402
+from lib.distributed import Replicas  # noqa: E402
+from lib.errors import UsageError  # noqa: E402
+from lib.optimizers import make_optimizer  # noqa: E402
+from lib.samplers import DEFAULT_SAMPLER, SAMPLERS, Sampling, generate, quadratic_timesteps  # noqa: E402
+from lib.speed import PLAIN, Speed, autocast, default_speed, prepare_model, prepare_process  # noqa: E402
+from lib.training import TrainState, train_step  # noqa: E402
 
 
 def config_for(args: Any) -> Config:
@@ -57,7 +57,7 @@ def training_flops(config: Config, batch: int) -> tuple[int, int]:
 def step_flops(config: Config, batch: int) -> tuple[int, dict[Any, int]]:
     """FLOPs per image of one forward pass, and of one training step by op (forward + backward)."""
     ddpm = build_ddpm(config)
-    model = ddpm.eps_model
+    model = ddpm.model
     x, t = torch.randn(batch, *ddpm.image_shape), torch.randint(0, config.diffusion.T, (batch,))
     y = torch.randint(0, config.model.n_classes, (batch,))
     with FlopCounterMode(display=False) as counter:
@@ -89,17 +89,17 @@ def time_training(config: Config, speed: Speed, device: torch.device, steps: int
     ddpm = build_ddpm(config).to(device)
     images = torch.randint(0, 256, (n, *ddpm.image_shape[1:]), dtype=torch.uint8).to(device)
     labels = torch.randint(0, config.model.n_classes, (n,)).to(device)
-    ema = build_ddpm(config).eps_model.to(device).requires_grad_(False)
+    ema = build_ddpm(config).model.to(device).requires_grad_(False)
     prepare_process(speed)
-    prepare_model(ddpm.eps_model, speed)
+    prepare_model(ddpm.model, speed)
     run = config.training
-    optimizer = make_optimizer(ddpm.eps_model, run.lr, speed, run.adam_beta2, run.optimizer, run.muon_lr_mult)
+    optimizer = make_optimizer(ddpm.model, run.lr, speed, run.optimizer)
     state = TrainState(ddpm, ema, optimizer, Replicas(ddpm), speed)
     noise = torch.Generator(device=device).manual_seed(0)
     pending = []
     started = 0.0
     with ExitStack() as stack:
-        for i, (x, y) in enumerate(batches(images, labels, batch, torch.Generator(), speed.on_device_data, device)):
+        for i, (x, y) in enumerate(batches(images, labels, batch, torch.Generator())):
             if i == warmup:
                 sync(device)
                 stack.enter_context(timed or nullcontext())
@@ -143,23 +143,24 @@ def time_sampling(config: Config, speed: Speed, device: torch.device, n: int, ho
     """Digits per second for ``n`` digits drawn as ``how`` says (bf16 when ``speed.amp``), in one batch."""
     ddpm = build_ddpm(config).to(device).eval()
     labels = torch.arange(n) % config.model.n_classes
-    how = Sampling(how.sampler, how.steps, how.eta, how.guidance, amp=speed.amp)
-    generate(ddpm, labels[:2], Sampling(how.sampler, 2, amp=speed.amp), batch_size=n)  # warm-up
-    sync(device)
-    started = time.perf_counter()
-    generate(ddpm, labels, how, seed=0, batch_size=n)
-    sync(device)
+    with autocast(device, speed):
+        generate(ddpm, labels[:2], Sampling(how.sampler, 2 if SAMPLERS[how.sampler].steps else None), batch_size=n)
+        sync(device)
+        started = time.perf_counter()
+        generate(ddpm, labels, how, seed=0, batch_size=n)
+        sync(device)
     return n / (time.perf_counter() - started)
 
 
 def network_passes(config: Config, how: Sampling) -> int:
     """Batches the network runs to draw as ``how`` says: two at each step where guidance applies, else one."""
-    ddpm = build_ddpm(config)
+    ddpm, how = build_ddpm(config), how.resolve(config.diffusion.T)
+    steps = range(ddpm.T) if SAMPLERS[how.sampler].steps is None else quadratic_timesteps(ddpm.T, how.steps)
     if how.guidance in (0.0, 1.0):  # DDPM.guided_eps: one pass, unconditional or conditional
-        guided = [False] * ddpm.T
-    else:  # DDPM.step_eps: a scale above 1 only inside the interval, any other at every step
-        guided = ddpm.guided_steps(how.guidance_interval if how.guidance > 1 else None)
-    return sum(2 if guided[t] else 1 for t in make_sampler(how.sampler, ddpm, how.steps, how.eta).timesteps)
+        return len(steps)
+    inside = [how.interval is None or how.guidance < 1 or how.interval[0] < s <= how.interval[1]
+              for s in ddpm.sigmas.tolist()]
+    return sum(2 if inside[t] else 1 for t in steps)
 
 
 def sampling_passes(args: Any) -> tuple[int, int]:
@@ -216,7 +217,7 @@ def ablate(args: Any) -> None:
     variants = [("fast path", fast)] + [
         (f"without {name}", replace(fast, **{name: value}))
         for name, value in (("amp", False), ("channels_last", False), ("fused_optimizer", False),
-                            ("on_device_data", False), ("log_every", 1), ("keep_freed_memory", False))
+                            ("log_every", 1), ("keep_freed_memory", False))
         if getattr(fast, name) != value
     ] + layout + [("plain path", PLAIN)]
     variants += [("fast path + torch.compile", replace(fast, compile=True))] if args.compile else []
@@ -263,7 +264,7 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--train-steps", type=positive_int, default=20, help="timed training steps per path")
     p.add_argument("--warmup", type=positive_int, default=2, help="untimed steps first")
     p.add_argument("--sample-n", type=positive_int, default=1000, help="digits sampled per timing")
-    p.add_argument("--sampler", choices=fewer_step_samplers(), default=DEFAULT_SAMPLER,
+    p.add_argument("--sampler", choices=[name for name, info in SAMPLERS.items() if info.steps], default=DEFAULT_SAMPLER,
                    help=f"the sampler timed (default {DEFAULT_SAMPLER})")
     p.add_argument("--sample-steps", type=positive_int, help="its steps (default: the sampler's own)")
     p.add_argument("--guidance", type=non_negative_float, default=2.0)
