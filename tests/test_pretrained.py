@@ -242,7 +242,8 @@ def test_without_any_model_the_old_error_stays(tmp_path, monkeypatch, capsys):
 
 def test_evaluate_falls_back_to_the_bundled_model(bundled, trained_run, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    args = ["--data-root", trained_run["data"], "--n", "2", "--steps", "2", "--classifier-cache", "clf.pt", "--device", "cpu"]
+    args = ["--data-root", trained_run["data"], "--n", "2", "--steps", "2", "--classifier-cache", "clf.pt",
+            "--device", "cpu"]
     assert evaluate.main(args) == 0
     captured = capsys.readouterr()
     assert f"using the bundled model {bundled} (a tiny test model)" in captured.err

@@ -264,7 +264,8 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--train-steps", type=positive_int, default=20, help="timed training steps per path")
     p.add_argument("--warmup", type=positive_int, default=2, help="untimed steps first")
     p.add_argument("--sample-n", type=positive_int, default=1000, help="digits sampled per timing")
-    p.add_argument("--sampler", choices=[name for name, info in SAMPLERS.items() if info.steps], default=DEFAULT_SAMPLER,
+    p.add_argument("--sampler", choices=[name for name, info in SAMPLERS.items() if info.steps],
+                   default=DEFAULT_SAMPLER,
                    help=f"the sampler timed (default {DEFAULT_SAMPLER})")
     p.add_argument("--sample-steps", type=positive_int, help="its steps (default: the sampler's own)")
     p.add_argument("--guidance", type=non_negative_float, default=2.0)

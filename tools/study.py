@@ -50,7 +50,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=positive_int, help="epochs per configuration (default: the preset's)")
     p.add_argument("--eval-n", type=positive_int, default=100, help="digits per class for each score (default 100)")
     p.add_argument("--guidance", type=float, default=2.0, help="guidance scale of the scored samples (default 2)")
-    p.add_argument("--sampler", choices=[name for name, info in SAMPLERS.items() if info.steps], default=DEFAULT_SAMPLER,
+    p.add_argument("--sampler", choices=[name for name, info in SAMPLERS.items() if info.steps],
+                   default=DEFAULT_SAMPLER,
                    help=f"the few-step sampler scored beside the full one (default {DEFAULT_SAMPLER})")
     p.add_argument("--steps", type=positive_int, help="its steps (default: the sampler's own)")
     p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw (default ./data)")

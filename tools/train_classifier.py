@@ -22,7 +22,8 @@ from lib.speed import default_speed, prepare_process  # noqa: E402
 
 def _main(argv: Sequence[str] | None) -> int:
     p = ArgumentParser(prog="train_classifier.py", description="Train (or load) the classifier evaluate.py uses.")
-    p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw or FashionMNIST/raw (default ./data)")
+    p.add_argument("--data-root", default="./data",
+                   help="folder holding MNIST/raw or FashionMNIST/raw (default ./data)")
     p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist", help="default mnist")
     p.add_argument("--cache", help="the classifier's file (default: the bundled one for MNIST, else "
                                    "checkpoints/classifier/classifier_<dataset>.safetensors)")
