@@ -1,6 +1,6 @@
 """Train the class-conditional DDPM on MNIST (or Fashion-MNIST).
 
-    python train.py                                   # the ancestor's run: T=500, n_feat=128, 20 epochs
+    python train.py                                   # the default run: T=500, n_feat=128, 20 epochs
     python train.py --preset cpu --data-root DATA     # the small model, minutes on a 2-core CPU
 
 After every epoch, under --out-dir (NAME = --name, default <T>_<n_feat>): a grid
@@ -29,7 +29,7 @@ from lib.training import claim_outputs, output_paths, train
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="train.py", description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="starting values for every setting below (default: the ancestor's run)")
+                   help="starting values for every setting below (default: the original README's run)")
     p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist",
                    help="what to learn to draw (default mnist); read from <data-root>/MNIST or FashionMNIST")
     default = PRESETS["default"].flat()

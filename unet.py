@@ -1,4 +1,4 @@
-"""The network, ``out = model(x_t, t, labels)``: the ancestor's ``ContextUnet``, two down blocks (28 -> 14 -> 7),
+"""The network, ``out = model(x_t, t, labels)``: a ``ContextUnet``, two down blocks (28 -> 14 -> 7),
 the bottleneck pooled to a vector, two up blocks with skips; time and label modulate the decoder (``h = context
 * h + time``), and with ``cond_encoder`` the encoder too. ``t (B,)`` in ``[0, T-1]`` is embedded here, so the
 network needs no ``T`` and knows no schedule; ``labels (B,)`` are classes or ``null_label`` ("no label").

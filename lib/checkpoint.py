@@ -36,7 +36,7 @@ REQUIRED_V1 = ("in_channels", "n_feat", "n_classes", "T", "beta_start", "beta_en
 
 
 def run_name(config: Config) -> str:
-    """A run's default name: ``<T>_<n_feat>``, as the ancestor's files, prefixed by the data set unless MNIST."""
+    """A run's default name: ``<T>_<n_feat>``, as in the original file names, prefixed by the data set unless MNIST."""
     tag = f"{config.diffusion.T}_{config.model.n_feat}"
     return tag if config.dataset == "mnist" else f"{config.dataset}_{tag}"
 

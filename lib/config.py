@@ -169,7 +169,7 @@ class Config:
         return cls().override(**{k: v for k, v in flat_dict(stored).items() if k in known})
 
 
-# The ancestor's run, and the small model for a 2-core CPU with the recipe its ablation chose (docs/results.md):
+# The original README's run, and the small model for a 2-core CPU with the recipe its ablation chose (docs/results.md):
 # the first 10,000 training images, 8 epochs of 157 steps at batch 64.
 PRESETS: dict[str, Config] = {
     "default": Config(),

@@ -78,7 +78,7 @@ class TrainState:
 
 
 def output_paths(out_dir: str, name: str) -> dict[str, str]:
-    """Every file the run ``name`` writes, under the ancestor's names when ``name`` is ``<T>_<n_feat>``."""
+    """Every file the run ``name`` writes, under the original file names when ``name`` is ``<T>_<n_feat>``."""
     grids = os.path.join(out_dir, f"DDMP_generated_samples_{name}")
     return {
         "grids": grids,
@@ -123,7 +123,7 @@ def ema_decay_at(step: int, decay: float = EMA_DECAY, gamma: float = EMA_GAMMA) 
 
 
 def learning_rate(lr: float, epochs: int, epoch: int) -> float:
-    """The ancestor's schedule: ``lr * (1 - epoch / epochs)``, constant within an epoch (``epoch`` from 0)."""
+    """The original linear decay: ``lr * (1 - epoch / epochs)``, constant within an epoch (``epoch`` from 0)."""
     return lr * (1 - epoch / epochs)
 
 

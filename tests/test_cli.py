@@ -37,7 +37,7 @@ def test_train_writes_every_promised_file(trained_run):
         grid = os.path.join(out, "DDMP_generated_samples_8_8", f"samples_epoch{epoch}_8_8.png")
         with Image.open(grid) as image:  # one row of digits 0..9, 28 px plus 2 px padding each
             assert image.size == (10 * 30 + 2, 30 + 2)
-            assert np.asarray(image)[0, 0] == 255  # white background, as in the ancestor's pictures
+            assert np.asarray(image)[0, 0] == 255  # white background, as in the original README's pictures
     assert os.path.getsize(os.path.join(out, "loss_plot_8_8.png")) > 1000
     ckpt = torch.load(trained_run["checkpoint"], weights_only=True)
     assert ckpt["epoch"] == 2 and len(ckpt["losses"]) == 2 * 4  # 64 images / batch 16
@@ -130,7 +130,7 @@ def test_the_cpu_preset_trains_on_the_first_images_it_names(tmp_path, monkeypatc
     assert "training on 40 images" in capsys.readouterr().err
     ckpt = torch.load(checkpoint.checkpoint_path(out, "8_8"), weights_only=True)
     assert len(ckpt["losses"]) == 2 * 3 and ckpt["config"]["training"]["train_images"] == 40  # 40 = 16 + 16 + 8
-    assert train.resolve_config(train.parse_args([])).training.train_images == 0  # the ancestor's run: all
+    assert train.resolve_config(train.parse_args([])).training.train_images == 0  # the default run: all
 
 
 def test_resume_refuses_another_preset_sharing_the_checkpoint(tmp_path, capsys):

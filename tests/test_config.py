@@ -22,7 +22,7 @@ V1_CONFIG = {"T": 8, "n_feat": 8, "epochs": 2, "batch_size": 16, "lr": 1e-3, "be
              "in_channels": 1, "n_classes": 10, "dataset": "mnist", "preset": "default"}
 
 
-def test_presets_are_configs_and_the_default_is_the_ancestors_run():
+def test_presets_are_configs_and_the_default_is_the_original_run():
     default = PRESETS["default"].flat()
     assert (default["T"], default["n_feat"], default["epochs"], default["batch_size"], default["lr"]) == (
         500, 128, 20, 256, 1e-4)  # the earlier README's run

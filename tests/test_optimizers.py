@@ -72,6 +72,6 @@ def test_the_first_step_is_the_orthogonalised_gradient_and_adam_steps_the_rest()
 
 
 def test_the_optimizer_is_a_checked_setting():
-    assert Config().training.optimizer == "adam"  # the ancestor's
+    assert Config().training.optimizer == "adam"  # the original recipe's
     with pytest.raises(UsageError, match="optimizer"):
         Config().override(optimizer="sgd").validate()

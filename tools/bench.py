@@ -256,7 +256,7 @@ def report(rows: list[dict[str, Any]], args: Any) -> None:
 def _main(argv: Sequence[str] | None) -> int:
     p = ArgumentParser(prog="bench.py", description="Fast path against plain path: training and sampling speed.")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="train.py preset whose network and batch are timed (default: the ancestor's)")
+                   help="train.py preset whose network and batch are timed (default: default)")
     p.add_argument("--T", type=positive_int, help="diffusion steps (default: the preset's)")
     p.add_argument("--n-feat", type=positive_int, help="UNet width (default: the preset's)")
     p.add_argument("--batch-size", type=positive_int, help="batch size (default: the preset's)")

@@ -1,10 +1,10 @@
-"""Reproduce the ancestor's study: train every (T, n_feat) configuration, then measure each.
+"""Reproduce the original README's study: train every (T, n_feat) configuration, then measure each.
 
-    python tools/study.py --data-root DATA     # the ancestor's four: T 500 1000 x n_feat 128 256, 20 epochs
+    python tools/study.py --data-root DATA     # its four: T 500 1000 x n_feat 128 256, 20 epochs
     python tools/study.py --preset cpu --n-feat 16 32 --data-root DATA    # scaled down, for a CPU
 
 For every configuration this trains with ``lib.training.train`` (the per-epoch grids and loss plot land in
---out-dir under the ancestor's names, as ``train.py`` writes them), then draws ``--eval-n`` digits of
+--out-dir under the names ``train.py`` gives them), then draws ``--eval-n`` digits of
 every class with the full ancestral sampler and with the few-step sampler (``--sampler``, default: the
 project's default sampler with its default steps), scores them with ``evaluate.py``'s classifier, and
 writes one table (``<out-dir>/study.md``): final loss, accuracy and FID for both samplers,
@@ -46,7 +46,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--T", type=positive_int, nargs="+", default=[500, 1000], help="diffusion steps (default 500 1000)")
     p.add_argument("--n-feat", type=positive_int, nargs="+", default=[128, 256], help="UNet widths (default 128 256)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="train.py preset for everything else (default: the ancestor's settings)")
+                   help="train.py preset for everything else (default: default)")
     p.add_argument("--epochs", type=positive_int, help="epochs per configuration (default: the preset's)")
     p.add_argument("--eval-n", type=positive_int, default=100, help="digits per class for each score (default 100)")
     p.add_argument("--guidance", type=float, default=2.0, help="guidance scale of the scored samples (default 2)")
